@@ -1,0 +1,3 @@
+"""lora-trainer: LoRA training for Stable Diffusion, as a WebUI tab and a YAML-driven CLI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,50 @@
+"""What the trainer needs from a model, independent of where the model came from."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Backbone(ABC):
+    """A latent-diffusion model as the trainer sees it.
+
+    ``model_version``: ``"sd_v1"``, ``"sd_v2"`` or ``"sdxl"``; ``prediction_type``: ``"epsilon"`` or
+    ``"v_prediction"``; ``alphas_cumprod``: float32 tensor [num_train_timesteps] on CPU.
+    """
+
+    model_version: str
+    prediction_type: str
+    alphas_cumprod: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1], [B, 3, H, W] -> scaled latents [B, 4, H/8, W/8] (a sample, not the mean)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Any:
+        """Prompts -> conditioning the ``predict`` call takes (a tensor for SD1/SD2)."""
+
+    @abstractmethod
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
+        """The denoiser's raw output (epsilon or v, per ``prediction_type``)."""
+
+    @abstractmethod
+    def lora_roots(self, train_text_encoder: bool) -> dict[str, nn.Module]:
+        """Modules that receive LoRA layers, keyed by their kohya prefix (``lora_unet``, ``lora_te``...)."""
+
+    @abstractmethod
+    def sample(self, prompts: list[str], *, seed: int, steps: int, width: int, height: int) -> list[Any]:
+        """Render one PIL image per prompt with the current weights (LoRA included)."""
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Every module whose parameters must stay frozen (all base weights)."""
+        return list(self.lora_roots(True).values())
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Trade compute for memory in the denoiser (and text encoder when it is trained)."""

@@ -1,0 +1,116 @@
+"""Resumable checkpoints: LoRA weights, optimizer, schedule, RNG and data position, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+KEEP_LAST = 3
+
+
+@dataclass
+class Progress:
+    """Where a run stands: updates done and micro-batches consumed, and the losses so far."""
+
+    global_step: int = 0
+    micro_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    started_at: float = 0.0
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    state["python_version"] = random.getstate()[0]
+    state["python_gauss"] = random.getstate()[2]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR
+
+
+def save_checkpoint(output_dir: str | Path, progress: Progress, lora_state: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, scheduler: Any, extra_files: dict[str, Any] | None = None
+                    ) -> Path:
+    """Write ``<output_dir>/checkpoints/step-NNNNNN`` whole or not at all; keep the last few."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{progress.global_step:06d}"
+    tmp = root / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in lora_state.items()}, str(tmp / "lora_state.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               tmp / "training_state.pt")
+    (tmp / "progress.json").write_text(json.dumps(asdict(progress)), encoding="utf-8")
+    for name, write in (extra_files or {}).items():
+        write(tmp / name)
+    for path in tmp.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-KEEP_LAST]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+             and (p / "progress.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
+    """``latest`` -> newest checkpoint in output_dir (None when there is none); else the given folder."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from)
+    if not (path / "progress.json").is_file():
+        raise FileNotFoundError(f"resume_from: {path} is not a checkpoint folder (no progress.json in it)")
+    return path
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    progress: Progress
+    lora_state: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Read a checkpoint folder (weights-only loading: no pickled code runs)."""
+    path = Path(path)
+    progress = Progress(**json.loads((path / "progress.json").read_text(encoding="utf-8")))
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    return LoadedCheckpoint(path, progress, load_file(str(path / "lora_state.safetensors")),
+                            state["optimizer"], state["scheduler"], state["rng"])

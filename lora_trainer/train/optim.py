@@ -1,0 +1,35 @@
+"""Optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.train.events import MessageEvent
+
+
+def build_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device,
+                    notify=None) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW when asked for and usable (CUDA + bitsandbytes installed)."""
+    if cfg.optimizer == "adamw8bit":
+        if device.type == "cuda":
+            try:
+                import bitsandbytes as bnb
+
+                return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
+            except ImportError:
+                reason = "bitsandbytes is not installed"
+        else:
+            reason = "it needs a CUDA device"
+        if notify:
+            notify(MessageEvent(f"optimizer adamw8bit unavailable ({reason}); using adamw", "warning"))
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """constant / cosine / linear, each after ``warmup_steps`` of linear warm-up (diffusers' schedules)."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=max(total_steps, 1))

@@ -1,0 +1,33 @@
+"""A tqdm bar for the command line, fed by training events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm import tqdm
+
+from lora_trainer.train.events import CheckpointEvent, MessageEvent, SampleEvent, StepEvent
+
+
+class ProgressBar:
+    """Shows step, loss, it/s and ETA; prints messages above the bar."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def __call__(self, event: Any) -> None:
+        if isinstance(event, StepEvent):
+            if self.bar is None:
+                self.bar = tqdm(total=event.total_steps, initial=event.step - 1, unit="step", dynamic_ncols=True)
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", epoch=event.epoch)
+        elif isinstance(event, MessageEvent):
+            tqdm.write(f"{event.level}: {event.text}" if event.level != "info" else event.text)
+        elif isinstance(event, CheckpointEvent):
+            tqdm.write(f"checkpoint: {event.path}")
+        elif isinstance(event, SampleEvent):
+            tqdm.write(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,343 @@
+"""The training loop: one config and one backbone in, a kohya-format LoRA file out."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lora_trainer.config import TrainConfig, dump_config
+from lora_trainer.data.dataset import DatasetScan, TrainItem, epoch_batches, load_pixels, scan_dataset
+from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.lora.export import save_lora
+from lora_trainer.lora.inject import inject_lora, load_lora_state_dict, lora_state_dict, remove_lora
+from lora_trainer.lora.kohya import to_kohya_state_dict
+from lora_trainer.lora.metadata import training_metadata
+from lora_trainer.models.backbone import Backbone
+from lora_trainer.train import checkpoint as ckpt
+from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, SampleEvent, StepEvent
+from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
+from lora_trainer.train.optim import build_optimizer, build_scheduler
+
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: ``lora_path`` is set when it finished, ``checkpoint`` when state was saved."""
+
+    steps_done: int
+    total_steps: int
+    losses: list[float]
+    lora_path: Path | None = None
+    checkpoint: Path | None = None
+    interrupted: bool = False
+    sample_paths: list[Path] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for autocast and the frozen weights (LoRA weights stay float32)."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return torch.float32
+    if mixed_precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    """A generator per micro-batch, so noise and timesteps depend only on (seed, position): resumable."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step)
+
+
+class Trainer:
+    """Runs one training job. ``should_stop`` is polled every micro-batch (Ctrl-C, the WebUI's Interrupt)."""
+
+    def __init__(self, cfg: TrainConfig, backbone: Backbone | None = None, *,
+                 events: EventBus | None = None, should_stop: Callable[[], bool] | None = None,
+                 restore_backbone: bool = True) -> None:
+        self.cfg = cfg
+        self.backbone = backbone
+        self.bus = events or EventBus()
+        self.should_stop = should_stop or (lambda: False)
+        self.restore_backbone = restore_backbone
+        self.output_dir = Path(cfg.output_dir)
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def _log(self, text: str, level: str = "info") -> None:
+        self.bus.emit(MessageEvent(text, level))
+
+    def _load_backbone(self, device: torch.device, dtype: torch.dtype) -> Backbone:
+        if self.backbone is None:
+            from lora_trainer.models.loading import load_backbone
+
+            self._log(f"loading base model {self.cfg.base_model}")
+            self.backbone = load_backbone(self.cfg.base_model, device=device, dtype=dtype)
+        return self.backbone
+
+    def _scan(self) -> DatasetScan:
+        cfg = self.cfg
+        scan = scan_dataset(cfg.train_data_dir, metadata_path=cfg.metadata_path, trigger_word=cfg.trigger_word,
+                            resolution=cfg.resolution, bucket=cfg.bucket)
+        for line in scan.warnings():
+            self._log(line, "warning")
+        return scan
+
+    def _encode_latents(self, items: list[TrainItem]) -> dict[tuple[int, bool], torch.Tensor]:
+        """Encode every image once (and its mirror image when flips are on); kept on the training device."""
+        torch.manual_seed(self.cfg.seed)
+        cache: dict[tuple[int, bool], torch.Tensor] = {}
+        flips = (False, True) if self.cfg.flip_aug else (False,)
+        for index, item in enumerate(items):
+            for flip in flips:
+                pixels = load_pixels(item, flip=flip).unsqueeze(0)
+                cache[(index, flip)] = self.backbone.encode_images(pixels)[0].float()
+        return cache
+
+    # ---- the run ----------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        device = resolve_device(cfg.device)
+        dtype = resolve_precision(cfg.mixed_precision, device)
+        resume_path = ckpt.resolve_resume(cfg.resume_from, cfg.output_dir)
+        lora_file = self.output_dir / f"{cfg.output_name}.safetensors"
+        if lora_file.exists() and not cfg.overwrite:
+            raise FileExistsError(f"{lora_file} exists; set overwrite: true or choose another output_name")
+        scan = self._scan()
+        backbone = self._load_backbone(device, dtype)
+        roots = backbone.lora_roots(cfg.train_text_encoder)
+        requires_grad_before = {id(p): p.requires_grad for m in backbone.frozen_modules() for p in m.parameters()}
+        for module in backbone.frozen_modules():
+            module.requires_grad_(False)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.output_dir / f"{cfg.output_name}.config.yaml", dump_config(cfg))
+        latents = self._encode_latents(scan.items) if cfg.cache_latents else None
+        text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
+        params = inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                             unet_targets=list(cfg.target_modules), te_targets=TE_TARGETS)
+        try:
+            return self._train(scan, backbone, roots, device, dtype, resume_path, lora_file, latents,
+                               text_cache)
+        finally:
+            if self.restore_backbone:
+                remove_lora(roots)
+                for module in backbone.frozen_modules():
+                    for p in module.parameters():
+                        p.requires_grad_(requires_grad_before.get(id(p), False))
+            del params
+
+    def _train(self, scan: DatasetScan, backbone: Backbone, roots: dict, device: torch.device,
+               dtype: torch.dtype, resume_path: Path | None, lora_file: Path, latents: dict | None,
+               text_cache: dict | None) -> TrainResult:
+        cfg = self.cfg
+        items = scan.items
+        for p in (p for m in roots.values() for p in m.parameters() if p.requires_grad):
+            p.data = p.data.float()
+        unet_params = [p for p in roots["lora_unet"].parameters() if p.requires_grad]
+        groups = [{"params": unet_params, "lr": cfg.learning_rate}]
+        te_params = [p for name, m in roots.items() if name != "lora_unet" for p in m.parameters() if p.requires_grad]
+        if te_params:
+            groups.append({"params": te_params, "lr": cfg.resolved_text_encoder_lr()})
+        all_params = unet_params + te_params
+        batches_per_epoch = len(epoch_batches(items, cfg.batch_size, seed=cfg.seed, epoch=0, repeats=cfg.repeats))
+        updates_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+        total = cfg.max_steps or cfg.epochs * updates_per_epoch
+        optimizer = build_optimizer(cfg, groups, device, notify=self.bus.emit)
+        scheduler = build_scheduler(cfg, optimizer, total)
+        progress = ckpt.Progress(started_at=time.time())
+        if resume_path is not None:
+            loaded = ckpt.load_checkpoint(resume_path)
+            load_lora_state_dict(roots, loaded.lora_state)
+            optimizer.load_state_dict(loaded.optimizer)
+            scheduler.load_state_dict(loaded.scheduler)
+            ckpt.restore_rng_state(loaded.rng)
+            progress = loaded.progress
+            self._log(f"resumed from {resume_path} at step {progress.global_step}/{total}")
+        backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        for module in roots.values():
+            module.train()
+        use_autocast = device.type == "cuda" and dtype != torch.float32
+        scaler = torch.cuda.amp.GradScaler() if use_autocast and dtype == torch.float16 else None
+        writer = self._tensorboard()
+        result = TrainResult(progress.global_step, total, progress.losses)
+        epoch_cache: dict[int, list[list[int]]] = {}
+
+        def batch_at(micro: int) -> list[int]:
+            epoch, index = divmod(micro, batches_per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache.clear()
+                epoch_cache[epoch] = epoch_batches(items, cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                                                   repeats=cfg.repeats)
+            return epoch_cache[epoch][index]
+
+        last_time = time.perf_counter()
+        try:
+            while progress.global_step < total:
+                if self.should_stop():
+                    result.interrupted = True
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for _ in range(cfg.gradient_accumulation_steps):
+                    indices = batch_at(progress.micro_step)
+                    gen = step_generator(cfg.seed, progress.micro_step)
+                    autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
+                    with autocast:
+                        loss = self._micro_loss(indices, items, latents, text_cache, gen, device)
+                    scaled = loss / cfg.gradient_accumulation_steps
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    step_loss += loss.item() / cfg.gradient_accumulation_steps
+                    progress.micro_step += 1
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                progress.global_step += 1
+                progress.losses.append(step_loss)
+                now = time.perf_counter()
+                self.bus.emit(StepEvent(progress.global_step, total, progress.micro_step // batches_per_epoch,
+                                        step_loss, lr, now - last_time))
+                last_time = now
+                if writer:
+                    writer.add_scalar("loss", step_loss, progress.global_step)
+                    writer.add_scalar("lr", lr, progress.global_step)
+                if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and progress.global_step < total:
+                    result.checkpoint = self._save_checkpoint(progress, roots, optimizer, scheduler)
+                if cfg.sample_every and progress.global_step % cfg.sample_every == 0 \
+                        and progress.global_step < total:
+                    result.sample_paths += self._samples(progress.global_step, writer)
+        except KeyboardInterrupt:
+            result.interrupted = True
+        finally:
+            if writer:
+                writer.flush()
+        result.steps_done = progress.global_step
+        result.losses = progress.losses
+        if result.interrupted:
+            if progress.global_step > 0:
+                result.checkpoint = self._save_checkpoint(progress, roots, optimizer, scheduler)
+                self._log(f"interrupted at step {progress.global_step}/{total}; checkpoint saved to "
+                          f"{result.checkpoint} (resume with resume_from: latest)", "warning")
+            else:
+                self._log("interrupted before the first step; nothing to save", "warning")
+            if writer:
+                writer.close()
+            return result
+        if cfg.sample_prompts:
+            result.sample_paths += self._samples(progress.global_step, writer)
+        if writer:
+            writer.close()
+        result.lora_path = self._export(lora_file, progress, roots, scan, total)
+        return result
+
+    # ---- pieces of a step -------------------------------------------------------------------------
+    def _captions(self, indices: list[int], items: list[TrainItem], gen: torch.Generator) -> list[str]:
+        drop = torch.rand(len(indices), generator=gen).tolist()
+        return ["" if d < self.cfg.caption_dropout else items[i].caption for i, d in zip(indices, drop, strict=True)]
+
+    def _text_cache(self, items: list[TrainItem]) -> dict[str, torch.Tensor]:
+        prompts = sorted({item.caption for item in items} | {""})
+        with torch.no_grad():
+            return {p: self.backbone.encode_prompts([p])[0].detach() for p in prompts}
+
+    def _micro_loss(self, indices: list[int], items: list[TrainItem], latents: dict | None,
+                    text_cache: dict | None, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+        cfg, backbone = self.cfg, self.backbone
+        flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist() if cfg.flip_aug else [False] * len(indices)
+        captions = self._captions(indices, items, gen)
+        if latents is not None:
+            x0 = torch.stack([latents[(i, f)] for i, f in zip(indices, flips, strict=True)])
+        else:
+            pixels = torch.stack([load_pixels(items[i], flip=f) for i, f in zip(indices, flips, strict=True)])
+            x0 = backbone.encode_images(pixels).float()
+        x0 = x0.to(device)
+        noise = sample_noise(x0, gen, cfg.noise_offset)
+        timesteps = sample_timesteps(x0.shape[0], len(backbone.alphas_cumprod), gen)
+        noisy = add_noise(x0, noise, timesteps, backbone.alphas_cumprod)
+        if text_cache is not None:
+            cond = torch.stack([text_cache[c] for c in captions]).to(device)
+        else:
+            cond = backbone.encode_prompts(captions)
+        model_dtype = getattr(backbone, "dtype", torch.float32)
+        pred = backbone.predict(noisy.to(model_dtype), timesteps.to(device), cond).float()
+        target = training_target(x0, noise, timesteps, backbone.alphas_cumprod, backbone.prediction_type)
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            weights = min_snr_weights(timesteps, backbone.alphas_cumprod, cfg.min_snr_gamma, backbone.prediction_type)
+            per_sample = per_sample * weights.to(per_sample.device)
+        return per_sample.mean()
+
+    # ---- outputs ----------------------------------------------------------------------------------
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self._log("tensorboard is not installed; no event files are written", "warning")
+            return None
+        return SummaryWriter(str(self.cfg.resolved_log_dir()))
+
+    def _samples(self, step: int, writer) -> list[Path]:
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[]):
+            images = self.backbone.sample(list(cfg.sample_prompts), seed=cfg.seed, steps=cfg.sample_steps,
+                                          width=cfg.resolution, height=cfg.resolution)
+        for module in self.backbone.lora_roots(cfg.train_text_encoder).values():
+            module.train()
+        folder = self.output_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, image in enumerate(images):
+            path = folder / f"step-{step:06d}-{index}.png"
+            image.save(path)
+            paths.append(path)
+            if writer:
+                import numpy as np
+
+                writer.add_image(f"sample/{index}", np.asarray(image), step, dataformats="HWC")
+        self.bus.emit(SampleEvent(step, paths, images))
+        return paths
+
+    def _metadata(self, progress: ckpt.Progress, scan: DatasetScan, total: int) -> dict[str, str]:
+        cfg = self.cfg
+        return training_metadata(
+            cfg=cfg, model_version=self.backbone.model_version, prediction_type=self.backbone.prediction_type,
+            captions=[item.caption for item in scan.items], steps=progress.global_step, total_steps=total,
+            started_at=progress.started_at, num_images=len(scan.items),
+            buckets=sorted({item.target for item in scan.items}))
+
+    def _save_checkpoint(self, progress: ckpt.Progress, roots: dict, optimizer, scheduler) -> Path:
+        path = ckpt.save_checkpoint(self.output_dir, progress, lora_state_dict(roots), optimizer, scheduler)
+        self.bus.emit(CheckpointEvent(progress.global_step, path))
+        return path
+
+    def _export(self, lora_file: Path, progress: ckpt.Progress, roots: dict, scan: DatasetScan,
+                total: int) -> Path:
+        cfg = self.cfg
+        kohya = to_kohya_state_dict(roots, cfg.lora_alpha)
+        path = save_lora(lora_file, kohya, self._metadata(progress, scan, total), overwrite=cfg.overwrite)
+        self._log(f"saved {path}")
+        return path
+
+
+def train(cfg: TrainConfig, backbone: Backbone | None = None, **kwargs: Any) -> TrainResult:
+    """Run a training job (see :class:`Trainer`)."""
+    return Trainer(cfg, backbone, **kwargs).run()
