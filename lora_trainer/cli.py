@@ -33,8 +33,8 @@ class StopFlag:
 
 def run_training(cfg, backbone=None) -> int:
     """Train with a tqdm bar and Ctrl-C handling; print where the LoRA went."""
-    from lora_trainer.train.progress_bar import ProgressBar
     from lora_trainer.train.events import EventBus
+    from lora_trainer.train.progress_bar import ProgressBar
     from lora_trainer.train.trainer import Trainer
 
     stop = StopFlag()

@@ -46,5 +46,6 @@ class Backbone(ABC):
         """Every module whose parameters must stay frozen (all base weights)."""
         return list(self.lora_roots(True).values())
 
+    @abstractmethod
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Trade compute for memory in the denoiser (and text encoder when it is trained)."""

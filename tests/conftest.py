@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random SD1.5-topology models and small image folders, built once per session."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lora_trainer.models.tokenizer import write_clip_tokenizer_files
+
+    return write_clip_tokenizer_files(tmp_path_factory.mktemp("clip_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def _tiny_components(tokenizer_dir: Path) -> dict:
+    from lora_trainer.models.tiny import build_tiny_components
+
+    return build_tiny_components(seed=0, tokenizer_dir=str(tokenizer_dir))
+
+
+@pytest.fixture
+def tiny_components(_tiny_components: dict) -> dict:
+    """Fresh deep copies of the tiny unet / vae / text_encoder (the tokenizer is shared)."""
+    return {k: (v if k == "tokenizer" else copy.deepcopy(v)) for k, v in _tiny_components.items()}
+
+
+@pytest.fixture
+def tiny_backbone(tiny_components: dict):
+    from lora_trainer.models.diffusers_backbone import DiffusersBackbone
+
+    c = tiny_components
+    return DiffusersBackbone(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"])
