@@ -8,7 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_trainer.config import ConfigError, load_config
+from lora_trainer.config import load_config
+from lora_trainer.errors import UserError
 
 
 class StopFlag:
@@ -109,6 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as err:
+    except (UserError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,8 +10,10 @@ from typing import Any
 
 import yaml
 
+from lora_trainer.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value or key is wrong; the message names the key and what is allowed."""
 
 

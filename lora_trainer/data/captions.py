@@ -10,6 +10,7 @@ import csv
 import io
 from pathlib import Path
 
+from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text
 
 METADATA_FILE = "metadata.csv"
@@ -17,7 +18,7 @@ _FILENAME_COLUMNS = ("filename", "file_name", "image", "file")
 _PROMPT_COLUMNS = ("prompt", "caption", "text")
 
 
-class CaptionFileError(ValueError):
+class CaptionFileError(UserError, ValueError):
     """A caption file that cannot be read (wrong columns, not CSV)."""
 
 

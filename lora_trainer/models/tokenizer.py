@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text
 
 VOCAB_SIZE = 49408
@@ -20,7 +21,7 @@ _MERGE_COUNT = VOCAB_SIZE - 256 * 2 - 2
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 
-class TokenizerUnavailable(RuntimeError):
+class TokenizerUnavailable(UserError, RuntimeError):
     """No tokenizer can be built offline."""
 
 
