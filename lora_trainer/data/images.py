@@ -1,0 +1,137 @@
+"""Image files: find them, decode them fully into RGB with a short reason when that fails, crop, tensorize."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lora_trainer.errors import UserError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+_RESAMPLE_LANCZOS = Image.Resampling.LANCZOS
+_FLIP = Image.Transpose.FLIP_LEFT_RIGHT
+_WHITE = (255, 255, 255)
+
+
+class ImageLoadError(UserError):
+    """An image that cannot be used; ``reason`` is short and human (e.g. ``"empty file (0 bytes)"``)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep pickling (multiprocessing) working with the two-argument constructor
+        return (type(self), (self.path, self.reason))
+
+
+def is_hidden(path: Path, root: Path) -> bool:
+    """True when any part of ``path`` below ``root`` starts with a dot."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Image files under ``folder`` (recursive, by extension, hidden files and folders skipped), sorted."""
+    folder = Path(folder)
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden(path, folder) and path.is_file()
+    )
+
+
+def _scale_to_8bit(array: np.ndarray) -> np.ndarray:
+    """16-bit (or 32-bit integer / float) single-channel data scaled into 0..255."""
+    array = array.astype(np.float64)
+    peak = float(array.max()) if array.size else 0.0
+    if array.dtype.kind == "f" and peak <= 1.0:
+        array = array * 255.0
+    elif peak > 255.0:
+        array = array / 257.0  # 16-bit range (65535 -> 255)
+    return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+
+
+def _composite_on_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB: 16-bit and float grey scaled (not clipped), transparency composited on white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image.copy()
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_scale_to_8bit(np.asarray(image)), mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        return _composite_on_white(image)
+    return image.convert("RGB")
+
+
+def _decode(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()  # full decode of the first frame: truncated data fails here
+        try:
+            oriented = ImageOps.exif_transpose(image)
+        except (OSError, SyntaxError, ValueError, KeyError, TypeError, AttributeError):
+            oriented = image  # unreadable EXIF: keep the pixels as stored
+        return to_rgb(oriented)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully into an RGB image (EXIF orientation applied, first frame of an animation).
+
+    Raises ImageLoadError with a short reason for anything that cannot be used.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError(path, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(path)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageLoadError(path, "larger than Pillow's decompression-bomb limit") from error
+    except PermissionError as error:
+        raise ImageLoadError(path, "permission denied") from error
+    except FileNotFoundError as error:
+        raise ImageLoadError(path, "file not found") from error
+    except IsADirectoryError as error:
+        raise ImageLoadError(path, "is a directory") from error
+    except UnidentifiedImageError as error:
+        raise ImageLoadError(path, "not an image (cannot identify format)") from error
+    except (ValueError, NotImplementedError) as error:
+        raise ImageLoadError(path, "unsupported format") from error
+    except OSError as error:
+        text = str(error).lower()
+        if "decoder" in text and "not available" in text:
+            raise ImageLoadError(path, "unsupported format") from error
+        raise ImageLoadError(path, "truncated or corrupt image data") from error
+    except (SyntaxError, EOFError, IndexError, KeyError, TypeError, MemoryError) as error:
+        raise ImageLoadError(path, "truncated or corrupt image data") from error
+
+
+def center_crop_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale ``image`` to cover ``width`` x ``height`` and crop the centre (LANCZOS)."""
+    if image.size == (width, height):
+        return image.copy()
+    return ImageOps.fit(image, (width, height), method=_RESAMPLE_LANCZOS, centering=(0.5, 0.5))
+
+
+def flip_horizontal(image: Image.Image) -> Image.Image:
+    """The mirror image (left <-> right)."""
+    return image.transpose(_FLIP)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a float32 tensor ``[3, H, W]`` in ``[-1, 1]``."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))) / 127.5 - 1.0
