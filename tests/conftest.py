@@ -34,3 +34,23 @@ def tiny_backbone(tiny_components: dict):
 
     c = tiny_components
     return DiffusersBackbone(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"])
+
+
+@pytest.fixture
+def make_tiny_backbone(_tiny_components: dict):
+    """A factory of independent tiny backbones (each call deep-copies the same random weights)."""
+    from lora_trainer.models.diffusers_backbone import DiffusersBackbone
+
+    def make():
+        c = {k: (v if k == "tokenizer" else copy.deepcopy(v)) for k, v in _tiny_components.items()}
+        return DiffusersBackbone(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"])
+
+    return make
+
+
+@pytest.fixture
+def shapes_dataset(tmp_path: Path) -> Path:
+    """Eight 64 px coloured-shape images captioned in metadata.csv (the demo's data set)."""
+    from lora_trainer.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path / "shapes", count=8, size=64)
