@@ -6,6 +6,10 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models are dominated by per-op overhead: one thread is faster and immune to a busy machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

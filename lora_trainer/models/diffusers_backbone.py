@@ -54,7 +54,9 @@ class DiffusersBackbone(Backbone):
         if self.clip_skip > 1:
             out = self.text_encoder(ids, output_hidden_states=True)
             hidden = out.hidden_states[-self.clip_skip]
-            return self.text_encoder.text_model.final_layer_norm(hidden)
+            modules = dict(self.text_encoder.named_modules())  # transformers >= 5.6 drops the text_model level
+            norm = modules.get("text_model.final_layer_norm") or modules["final_layer_norm"]
+            return norm(hidden)
         return self.text_encoder(ids)[0]
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:

@@ -7,6 +7,8 @@ of 32 because the LDM code the WebUI runs uses 32-group GroupNorm everywhere.
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,7 +74,75 @@ def build_tiny_components(seed: int = 0, tokenizer_dir: str | None = None) -> di
     unet = UNet2DConditionModel(**tiny_unet_config())
     vae = AutoencoderKL(**tiny_vae_config())
     text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_config()))
+    _randomise_final_norm(text_encoder, seed)
     for module in (unet, vae, text_encoder):
         module.eval()
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder,
             "tokenizer": load_clip_tokenizer(tokenizer_dir)}
+
+
+def _randomise_final_norm(text_encoder: torch.nn.Module, seed: int) -> None:
+    """Give the final LayerNorm a non-trivial scale and a positive shift, as trained encoders have.
+
+    With the default (weight 1, bias 0) every output token averages exactly 0, and the WebUI's emphasis
+    normalisation (which rescales by the ratio of output means) divides by ~0.
+    """
+    modules = dict(text_encoder.named_modules())
+    final = modules.get("text_model.final_layer_norm", modules.get("final_layer_norm"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        final.weight.copy_(1.0 + 0.1 * torch.randn(final.weight.shape, generator=generator))
+        final.bias.copy_(0.2 + 0.1 * torch.randn(final.bias.shape, generator=generator))
+
+
+def tiny_ldm_config(clip_dir: str | Path) -> dict[str, Any]:
+    """The tiny models' ``v1-inference.yaml`` equivalent; the text encoder is built from ``clip_dir``."""
+    from lora_trainer.models.loading import V1_INFERENCE
+
+    unet, vae = tiny_unet_config(), tiny_vae_config()
+    config = copy.deepcopy(V1_INFERENCE)
+    params = config["model"]["params"]
+    params["image_size"] = unet["sample_size"]
+    params["scale_factor"] = vae["scaling_factor"]
+    params["unet_config"]["params"].update(
+        model_channels=unet["block_out_channels"][0],
+        channel_mult=[c // unet["block_out_channels"][0] for c in unet["block_out_channels"]],
+        num_res_blocks=unet["layers_per_block"], attention_resolutions=[4, 2, 1],
+        num_heads=unet["attention_head_dim"], context_dim=unet["cross_attention_dim"],
+        use_linear_in_transformer=unet["use_linear_projection"])
+    params["first_stage_config"]["params"]["ddconfig"].update(
+        ch=vae["block_out_channels"][0], ch_mult=[c // vae["block_out_channels"][0] for c in vae["block_out_channels"]],
+        num_res_blocks=vae["layers_per_block"], z_channels=vae["latent_channels"])
+    params["cond_stage_config"]["params"] = {"version": str(Path(clip_dir).resolve())}
+    return config
+
+
+def write_tiny_checkpoint(folder: str | Path, name: str = "tiny-sd15", seed: int = 0) -> Path:
+    """Write ``<name>.safetensors`` (LDM single-file layout), ``<name>.yaml`` and ``<name>-clip/``.
+
+    The folder ``<name>-clip`` holds the CLIP tokenizer files, ``config.json`` and the text encoder's weights
+    (``model.safetensors`` with ``text_model.*`` names, readable by old and new transformers), so the WebUI's
+    ``FrozenCLIPEmbedder`` builds from it offline. Returns the checkpoint's path.
+    """
+    import yaml
+    from safetensors.torch import save_file
+
+    from lora_trainer.fsutil import atomic_write, atomic_write_text
+    from lora_trainer.models.ldm_checkpoint import CLIP_PREFIX, diffusers_to_ldm_state_dict, text_encoder_to_ldm
+    from lora_trainer.models.tokenizer import write_clip_tokenizer_files
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clip_dir = folder / f"{name}-clip"
+    write_clip_tokenizer_files(clip_dir)
+    parts = build_tiny_components(seed, tokenizer_dir=str(clip_dir))
+    text_encoder = parts["text_encoder"]
+    atomic_write_text(clip_dir / "config.json", text_encoder.config.to_json_string())
+    te_weights = {k.removeprefix(CLIP_PREFIX): v.contiguous() for k, v in text_encoder_to_ldm(text_encoder).items()}
+    atomic_write(clip_dir / "model.safetensors", lambda tmp: save_file(te_weights, str(tmp), {"format": "pt"}))
+    state = diffusers_to_ldm_state_dict(parts["unet"], parts["vae"], text_encoder)
+    checkpoint = folder / f"{name}.safetensors"
+    atomic_write(checkpoint, lambda tmp: save_file(state, str(tmp), {"format": "pt"}))
+    config = tiny_ldm_config(clip_dir)
+    atomic_write_text(folder / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
+    return checkpoint
