@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,30 +74,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(path: Path) -> Image.Image:
+@dataclass(frozen=True)
+class SourceInfo:
+    """How an image file was stored (to tell whether it can be copied as is)."""
+
+    format: str | None
+    mode: str
+    frames: int
+    orientation: int  # EXIF orientation tag, 1 = upright
+    transparency: bool
+    file_size: int
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _decode(path: Path, file_size: int) -> tuple[Image.Image, SourceInfo]:
     with Image.open(path) as image:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and image.width * image.height > limit:  # Pillow only warns up to twice the limit
+            raise _TooLarge
         image.load()  # full decode of the first frame: truncated data fails here
         try:
+            orientation = int(image.getexif().get(0x0112, 1) or 1)
             oriented = ImageOps.exif_transpose(image)
         except (OSError, SyntaxError, ValueError, KeyError, TypeError, AttributeError):
-            oriented = image  # unreadable EXIF: keep the pixels as stored
-        return to_rgb(oriented)
+            orientation, oriented = 1, image  # unreadable EXIF: keep the pixels as stored
+        info = SourceInfo(image.format, image.mode, getattr(image, "n_frames", 1), orientation,
+                          "transparency" in image.info, file_size)
+        return to_rgb(oriented), info
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully into an RGB image (EXIF orientation applied, first frame of an animation).
-
-    Raises ImageLoadError with a short reason for anything that cannot be used.
-    """
+def decode_image(path: str | Path) -> tuple[Image.Image, SourceInfo]:
+    """Like load_image, plus how the file was stored."""
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        size = path.stat().st_size
+        if size == 0:
             raise ImageLoadError(path, "empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode(path)
+        return _decode(path, size)  # (no warnings.catch_warnings: it is not thread-safe)
     except ImageLoadError:
         raise
+    except _TooLarge as error:
+        raise ImageLoadError(path, "larger than Pillow's decompression-bomb limit") from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageLoadError(path, "larger than Pillow's decompression-bomb limit") from error
     except PermissionError as error:
@@ -117,6 +137,15 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageLoadError(path, "truncated or corrupt image data") from error
     except (SyntaxError, EOFError, IndexError, KeyError, TypeError, MemoryError) as error:
         raise ImageLoadError(path, "truncated or corrupt image data") from error
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully into an RGB image (EXIF orientation applied, first frame of an animation).
+
+    Raises ImageLoadError with a short reason for anything that cannot be used (the decompression-bomb limit
+    is Pillow's ``Image.MAX_IMAGE_PIXELS``).
+    """
+    return decode_image(path)[0]
 
 
 def center_crop_resize(image: Image.Image, width: int, height: int) -> Image.Image:
