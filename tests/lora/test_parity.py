@@ -44,7 +44,7 @@ def test_diffusers_load_lora_weights_reproduces_trained_outputs(_tiny_components
     pipe = StableDiffusionPipeline(
         vae=copy.deepcopy(base["vae"]), text_encoder=copy.deepcopy(base["text_encoder"]),
         tokenizer=base["tokenizer"], unet=copy.deepcopy(base["unet"]),
-        scheduler=DDPMScheduler(beta_schedule="scaled_linear", clip_sample=False), safety_checker=None,
+        scheduler=DDPMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(path))
     with torch.no_grad():
