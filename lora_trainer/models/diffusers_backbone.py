@@ -72,12 +72,13 @@ class DiffusersBackbone(Backbone):
         return [self.unet, self.vae, self.text_encoder]
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
+        te = self.text_encoder
         if enabled:
             self.unet.enable_gradient_checkpointing()
-            self.text_encoder.gradient_checkpointing_enable()
+            getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
         else:
             self.unet.disable_gradient_checkpointing()
-            self.text_encoder.gradient_checkpointing_disable()
+            getattr(te, "activation_checkpointing_disable", te.gradient_checkpointing_disable)()
 
     def sample(self, prompts: list[str], *, seed: int, steps: int, width: int, height: int) -> list[Any]:
         from lora_trainer.models.sampling import sample_images
