@@ -21,6 +21,7 @@ from lora_trainer.lora.inject import inject_lora, load_lora_state_dict, lora_sta
 from lora_trainer.lora.kohya import to_kohya_state_dict
 from lora_trainer.lora.metadata import training_metadata
 from lora_trainer.models.backbone import Backbone
+from lora_trainer.models.state import restore_model_state, snapshot_model_state
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, SampleEvent, StepEvent
 from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
@@ -118,7 +119,7 @@ class Trainer:
         scan = self._scan()
         backbone = self._load_backbone(device, dtype)
         roots = backbone.lora_roots(cfg.train_text_encoder)
-        requires_grad_before = {id(p): p.requires_grad for m in backbone.frozen_modules() for p in m.parameters()}
+        states_before = [(m, snapshot_model_state(m)) for m in backbone.frozen_modules()]
         for module in backbone.frozen_modules():
             module.requires_grad_(False)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -133,9 +134,9 @@ class Trainer:
         finally:
             if self.restore_backbone:
                 remove_lora(roots)
-                for module in backbone.frozen_modules():
-                    for p in module.parameters():
-                        p.requires_grad_(requires_grad_before.get(id(p), False))
+                backbone.set_gradient_checkpointing(False)
+                for module, state in states_before:
+                    restore_model_state(module, state)
             del params
 
     def _train(self, scan: DatasetScan, backbone: Backbone, roots: dict, device: torch.device,

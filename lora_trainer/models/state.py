@@ -1,0 +1,74 @@
+"""Capture and restore what training may change on a live model, and hash its weights.
+
+Used around every run so that a model handed to the trainer (the WebUI's loaded checkpoint above all) comes
+back exactly as it was: the same weights, module objects, ``requires_grad``, train/eval and checkpointing flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# per-module gradient-checkpointing switches: ldm blocks, ldm res blocks, diffusers blocks
+CHECKPOINT_FLAGS = ("checkpoint", "use_checkpoint", "gradient_checkpointing")
+
+
+def model_weights_hash(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in a fixed order."""
+    digest = hashlib.sha256()
+    tensors = dict(module.named_parameters())
+    tensors.update(dict(module.named_buffers()))
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class ModelState:
+    """What training may change on a live model, captured to be put back exactly."""
+
+    requires_grad: dict[int, bool] = field(default_factory=dict)
+    training: dict[int, bool] = field(default_factory=dict)
+    checkpoint_flags: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    module_types: list[tuple[str, type]] = field(default_factory=list)
+    forward_overrides: list[str] = field(default_factory=list)
+
+
+def snapshot_model_state(model: nn.Module) -> ModelState:
+    state = ModelState()
+    for p in model.parameters():
+        state.requires_grad[id(p)] = p.requires_grad
+    for name, module in model.named_modules():
+        state.training[id(module)] = module.training
+        state.module_types.append((name, type(module)))
+        if "forward" in vars(module):
+            state.forward_overrides.append(name)
+        for flag in CHECKPOINT_FLAGS:
+            if isinstance(getattr(module, flag, None), bool):
+                state.checkpoint_flags[id(module)] = (flag, getattr(module, flag))
+    return state
+
+
+def restore_model_state(model: nn.Module, state: ModelState) -> None:
+    """Put requires_grad, train/eval and checkpointing flags back; fail loudly if modules were left behind."""
+    for p in model.parameters():
+        p.requires_grad_(state.requires_grad.get(id(p), p.requires_grad))
+    for module in model.modules():
+        if id(module) in state.training:
+            module.training = state.training[id(module)]
+        if id(module) in state.checkpoint_flags:
+            flag, value = state.checkpoint_flags[id(module)]
+            setattr(module, flag, value)
+    now = [(name, type(module)) for name, module in model.named_modules()]
+    if now != state.module_types:
+        raise RuntimeError("the model's module structure differs from before training (modules left behind)")
+    overrides = [name for name, module in model.named_modules() if "forward" in vars(module)]
+    if overrides != state.forward_overrides:
+        left = sorted(set(overrides) - set(state.forward_overrides))
+        raise RuntimeError(f"forward overrides left on the model: {left}")
