@@ -1,0 +1,142 @@
+"""The tab's host inside the AUTOMATIC1111 WebUI: its loaded model, GPU lock, progress bar and Lora folder.
+
+Every WebUI module is imported inside a method, so importing this file never touches the WebUI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lora_trainer.errors import UserError
+
+LOWVRAM_REASON = ("training needs the whole model on the GPU at once, but --lowvram moves its parts in and out "
+                  "during every step; restart the WebUI without --lowvram (--medvram works)")
+
+
+def unapply_user_loras() -> int:
+    """Take the LoRAs of the last txt2img out of the weights (the Lora extension merges them in place).
+
+    Clears the extension's active list, then lets it restore every layer from its own backup. Returns the
+    number of layers restored.
+    """
+    try:
+        import networks  # the WebUI's built-in Lora extension
+    except ImportError:
+        return 0
+    from modules import shared
+
+    networks.loaded_networks.clear()
+    restored = 0
+    for module in shared.sd_model.modules():
+        if getattr(module, "network_current_names", ()):
+            networks.network_apply_weights(module)
+            restored += 1
+    return restored
+
+
+def webui_sampler(prompts: list[str], *, seed: int, steps: int, width: int, height: int) -> list[Any]:
+    """Previews rendered by the WebUI's own txt2img with the loaded checkpoint (and the LoRA in training)."""
+    from modules import processing, shared
+
+    job_count, job_no = shared.state.job_count, shared.state.job_no
+    images = []
+    for prompt in prompts:
+        p = processing.StableDiffusionProcessingTxt2Img(
+            sd_model=shared.sd_model, prompt=prompt, seed=seed, steps=steps, width=width, height=height,
+            cfg_scale=7.0, sampler_name="Euler a", do_not_save_samples=True, do_not_save_grid=True)
+        try:
+            images.extend(processing.process_images(p).images[:1])
+        finally:
+            p.close()
+    shared.state.job_count, shared.state.job_no = job_count, job_no  # process_images resets the job counters
+    return images
+
+
+class WebUIHost:
+    """What the tab needs from the WebUI (see ``lora_trainer.ui.host.Host``)."""
+
+    def lora_dir(self) -> Path:
+        from modules import shared
+
+        return Path(shared.cmd_opts.lora_dir)
+
+    def defaults(self) -> dict[str, Any]:
+        from modules import shared
+
+        opts = shared.opts
+        return {
+            "output_dir": getattr(opts, "lora_train_output_dir", "") or str(Path("outputs") / "lora-train"),
+            "sample_every": int(getattr(opts, "lora_train_sample_every", 50) or 0),
+            "preset": getattr(opts, "lora_train_default_preset", "") or "",
+        }
+
+    def get_backbone(self):
+        """The loaded checkpoint as a trainer backbone, used in place; user LoRAs unapplied first."""
+        from modules import shared
+
+        from lora_trainer.models.webui import WebUIBackbone
+
+        if getattr(shared.cmd_opts, "lowvram", False):
+            raise UserError(LOWVRAM_REASON)
+        model = shared.sd_model
+        if model is None:
+            raise UserError("no checkpoint is loaded; pick one in the checkpoint menu at the top first")
+        unapply_user_loras()
+        return WebUIBackbone(model, sampler=webui_sampler)
+
+    def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Hold the WebUI's GPU queue lock: no txt2img or checkpoint switch can run during training."""
+        from modules.call_queue import queue_lock
+
+        with queue_lock:
+            return fn()
+
+    def progress(self, snapshot: dict[str, Any]) -> None:
+        """Feed the WebUI's own progress bar (step, loss, ETA)."""
+        from modules import shared
+
+        state = shared.state
+        state.job_count = int(snapshot.get("total") or 0)
+        state.job_no = int(snapshot.get("step") or 0)
+        loss = snapshot.get("loss")
+        state.textinfo = f"LoRA step {state.job_no}/{state.job_count}" + (f", loss {loss:.4f}" if loss else "")
+        preview = snapshot.get("preview_image")
+        if preview is not None:
+            state.assign_current_image(preview)
+
+    def interrupted(self) -> bool:
+        from modules import shared
+
+        return bool(shared.state.interrupted)
+
+    def refresh_loras(self) -> None:
+        try:
+            import networks
+        except ImportError:
+            return
+        networks.list_available_networks()
+
+    def captioners(self) -> list[str]:
+        return ["WebUI BLIP", "WebUI DeepBooru"]
+
+    def caption_with_host(self, name: str, images: list[Any]) -> list[str]:
+        """Caption with the WebUI's own interrogators (without their job bookkeeping, which would clobber ours)."""
+        from modules import shared
+
+        if name == "WebUI BLIP":
+            shared.interrogator.load()
+            try:
+                return [shared.interrogator.generate_caption(image) for image in images]
+            finally:
+                shared.interrogator.send_blip_to_ram()
+        if name == "WebUI DeepBooru":
+            from modules import deepbooru
+
+            deepbooru.model.start()
+            try:
+                return [deepbooru.model.tag_multi(image) for image in images]
+            finally:
+                deepbooru.model.stop()
+        raise UserError(f"unknown WebUI captioner {name!r}; choose one of {self.captioners()}")
