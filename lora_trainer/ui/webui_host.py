@@ -36,11 +36,26 @@ def unapply_user_loras() -> int:
     return restored
 
 
+def clear_conditioning_cache() -> None:
+    """Forget the prompt conditionings txt2img caches between calls.
+
+    The cache is keyed by prompt and steps, not by weights: conditionings computed while a text-encoder LoRA
+    was being trained must not be reused by the next preview, nor by the user's txt2img after training.
+    """
+    from modules import processing
+
+    for cls in (processing.StableDiffusionProcessing, processing.StableDiffusionProcessingTxt2Img):
+        for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+            if name in vars(cls):
+                setattr(cls, name, [None, None])
+
+
 def webui_sampler(prompts: list[str], *, seed: int, steps: int, width: int, height: int) -> list[Any]:
     """Previews rendered by the WebUI's own txt2img with the loaded checkpoint (and the LoRA in training)."""
     from modules import processing, shared
 
     job_count, job_no = shared.state.job_count, shared.state.job_no
+    clear_conditioning_cache()
     images = []
     for prompt in prompts:
         p = processing.StableDiffusionProcessingTxt2Img(
@@ -50,6 +65,7 @@ def webui_sampler(prompts: list[str], *, seed: int, steps: int, width: int, heig
             images.extend(processing.process_images(p).images[:1])
         finally:
             p.close()
+            clear_conditioning_cache()
     shared.state.job_count, shared.state.job_no = job_count, job_no  # process_images resets the job counters
     return images
 
