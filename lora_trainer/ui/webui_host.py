@@ -104,23 +104,32 @@ class WebUIHost:
 
     def run_exclusive(self, fn: Callable[[], Any]) -> Any:
         """Hold the WebUI's GPU queue lock: no txt2img or checkpoint switch can run during training."""
+        from modules import shared
         from modules.call_queue import queue_lock
 
         with queue_lock:
-            return fn()
+            shared.state.begin(job="lora_train")  # also clears a stale Interrupt from an earlier txt2img
+            try:
+                return fn()
+            finally:
+                shared.state.end()
 
     def progress(self, snapshot: dict[str, Any]) -> None:
         """Feed the WebUI's own progress bar (step, loss, ETA)."""
         from modules import shared
 
         state = shared.state
-        state.job_count = int(snapshot.get("total") or 0)
+        state.job_count = int(snapshot.get("total_steps") or 0)
         state.job_no = int(snapshot.get("step") or 0)
         loss = snapshot.get("loss")
         state.textinfo = f"LoRA step {state.job_no}/{state.job_count}" + (f", loss {loss:.4f}" if loss else "")
-        preview = snapshot.get("preview_image")
-        if preview is not None:
-            state.assign_current_image(preview)
+        samples = snapshot.get("sample_paths") or []
+        if samples and samples[-1] != getattr(self, "_last_preview", None):
+            from PIL import Image
+
+            self._last_preview = samples[-1]
+            with Image.open(samples[-1]) as image:
+                state.assign_current_image(image.copy())
 
     def interrupted(self) -> bool:
         from modules import shared

@@ -1,0 +1,117 @@
+"""HTTP API for the training job: start with a JSON config, poll the snapshot, cancel.
+
+The route logic is plain functions returning ``(status_code, body)``; :func:`register_routes` wraps them for
+FastAPI (the WebUI's ``app``). Routes added from ``on_app_started`` do not get the WebUI's ``--api-auth``, so
+they check it themselves with :func:`check_api_auth`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lora_trainer.config import config_from_dict
+from lora_trainer.errors import UserError
+from lora_trainer.ui.host import Host, launch_training
+from lora_trainer.ui.job import JobBusyError, TrainingJob
+
+PREFIX = "/lora-train/v1"
+Response = tuple[int, dict[str, Any]]
+
+
+def parse_api_auth(setting: str | None) -> dict[str, str]:
+    """``"user:pass,user2:pass2"`` (the WebUI's ``--api-auth`` format) -> {user: password}."""
+    users: dict[str, str] = {}
+    for item in (setting or "").split(","):
+        user, sep, password = item.strip().partition(":")
+        if sep and user:
+            users[user] = password
+    return users
+
+
+def check_api_auth(authorization: str | None, api_auth: str | None) -> bool:
+    """True when no credentials are configured, or the HTTP Basic ``Authorization`` header matches one."""
+    if not (api_auth or "").strip():
+        return True
+    users = parse_api_auth(api_auth)
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "basic" or not token:
+        return False
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return False
+    user, sep, password = decoded.partition(":")
+    expected = users.get(user)
+    if not sep or expected is None:
+        return False
+    return secrets.compare_digest(password.encode("utf-8"), expected.encode("utf-8"))
+
+
+def start_job_route(job: TrainingJob, host: Host, payload: Any) -> Response:
+    """POST /jobs: validate the JSON config and start it (202), 409 while busy, 422 for a bad config."""
+    try:
+        cfg = config_from_dict(payload, require=False)
+        if not cfg.train_data_dir or not Path(cfg.train_data_dir).is_dir():
+            raise UserError(f"train_data_dir: image folder {cfg.train_data_dir!r} does not exist")
+        launch_training(host, job, cfg, background=True)
+    except JobBusyError as err:
+        return 409, {"error": str(err), "job": job.snapshot()}
+    except UserError as err:
+        return 422, {"error": str(err)}
+    return 202, job.snapshot()
+
+
+def current_job_route(job: TrainingJob) -> Response:
+    """GET /jobs/current: the job snapshot."""
+    return 200, job.snapshot()
+
+
+def cancel_job_route(job: TrainingJob) -> Response:
+    """POST /jobs/current/cancel: ask a running job to stop (409 when nothing runs)."""
+    if job.cancel():
+        return 200, job.snapshot()
+    return 409, {"error": "no training run is in progress", "job": job.snapshot()}
+
+
+def register_routes(app: Any, job: TrainingJob, host: Callable[[], Host],
+                    api_auth: Callable[[], str | None] = lambda: None) -> None:
+    """Add the three routes to a FastAPI ``app``; ``host()`` and ``api_auth()`` are read per request."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    def reply(response: Response) -> JSONResponse:
+        code, body = response
+        return JSONResponse(body, status_code=code)
+
+    def denied(request: Request) -> JSONResponse | None:
+        if check_api_auth(request.headers.get("authorization"), api_auth()):
+            return None
+        return JSONResponse({"error": "authentication required"}, status_code=401,
+                            headers={"WWW-Authenticate": "Basic"})
+
+    async def start(request: Request) -> JSONResponse:
+        refusal = denied(request)
+        if refusal is not None:
+            return refusal
+        try:
+            payload = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the body must be a JSON object of config keys"}, status_code=400)
+        return reply(start_job_route(job, host(), payload))
+
+    async def current(request: Request) -> JSONResponse:
+        return denied(request) or reply(current_job_route(job))
+
+    async def cancel(request: Request) -> JSONResponse:
+        return denied(request) or reply(cancel_job_route(job))
+
+    for handler in (start, current, cancel):  # postponed annotations would hide Request from FastAPI
+        handler.__annotations__ = {"request": Request, "return": JSONResponse}
+    app.add_api_route(f"{PREFIX}/jobs", start, methods=["POST"])
+    app.add_api_route(f"{PREFIX}/jobs/current", current, methods=["GET"])
+    app.add_api_route(f"{PREFIX}/jobs/current/cancel", cancel, methods=["POST"])

@@ -1,0 +1,120 @@
+"""What the tab needs from the program around it (the WebUI, Forge, or a plain Python process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from lora_trainer.config import TrainConfig
+from lora_trainer.errors import UserError
+from lora_trainer.ui.job import TrainingJob
+from lora_trainer.ui.registry import register_lora
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class Host(Protocol):
+    """The services a host offers the tab; :class:`BaseHost` gives the plain defaults."""
+
+    def lora_dir(self) -> Path:
+        """Folder where finished LoRAs are installed."""
+
+    def defaults(self) -> dict[str, Any]:
+        """TrainConfig values to pre-fill (e.g. output_dir, sample_every)."""
+
+    def get_backbone(self) -> Any:
+        """The model to train on (the loaded checkpoint), or None to load ``cfg.base_model``."""
+
+    def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` holding the host's GPU lock."""
+
+    def progress(self, snapshot: dict[str, Any]) -> None:
+        """Called with the job snapshot after every training event."""
+
+    def interrupted(self) -> bool:
+        """True when the host asked running work to stop (the WebUI's Interrupt)."""
+
+    def refresh_loras(self) -> None:
+        """Make the host list newly installed LoRAs."""
+
+    def captioners(self) -> list[str]:
+        """Names of captioners the host provides (e.g. "WebUI BLIP")."""
+
+    def caption_with_host(self, name: str, images: list[Any]) -> list[str]:
+        """Caption PIL images with one of :meth:`captioners`."""
+
+
+class BaseHost:
+    """No lock, no progress hook, no host captioners; subclasses override what they have."""
+
+    def __init__(self, lora_dir: str | Path, defaults: dict[str, Any] | None = None) -> None:
+        self._lora_dir = Path(lora_dir)
+        self._defaults = dict(defaults or {})
+
+    def lora_dir(self) -> Path:
+        return self._lora_dir
+
+    def defaults(self) -> dict[str, Any]:
+        return dict(self._defaults)
+
+    def get_backbone(self) -> Any:
+        return None
+
+    def run_exclusive(self, fn: Callable[[], T]) -> T:
+        return fn()
+
+    def progress(self, snapshot: dict[str, Any]) -> None:
+        return None
+
+    def interrupted(self) -> bool:
+        return False
+
+    def refresh_loras(self) -> None:
+        return None
+
+    def captioners(self) -> list[str]:
+        return []
+
+    def caption_with_host(self, name: str, images: list[Any]) -> list[str]:
+        raise UserError(f"captioner {name!r} is not available here; choose a local model")
+
+
+class StandaloneHost(BaseHost):
+    """Outside the WebUI: LoRAs go to ``lora_dir``; the model comes from ``base_model`` (or cfg.base_model)."""
+
+    def __init__(self, lora_dir: str | Path, base_model: str | Path | None = None, *, device: str = "auto",
+                 defaults: dict[str, Any] | None = None) -> None:
+        super().__init__(lora_dir, defaults)
+        self.base_model = base_model
+        self.device = device
+
+    def get_backbone(self) -> Any:
+        if not self.base_model:
+            return None  # the trainer loads cfg.base_model itself
+        import torch
+
+        from lora_trainer.models.loading import load_backbone
+        from lora_trainer.train.trainer import resolve_device
+
+        return load_backbone(self.base_model, device=resolve_device(self.device), dtype=torch.float32)
+
+
+def install_result(host: Host, cfg: TrainConfig, result: Any, backbone: Any) -> str | None:
+    """Copy a finished run's LoRA into the host's Lora folder (with preview and sidecar) and refresh the list."""
+    if result.lora_path is None:
+        return None
+    preview = result.sample_paths[-1] if result.sample_paths else None
+    installed = register_lora(result.lora_path, host.lora_dir(), cfg.output_name, trigger_word=cfg.trigger_word,
+                              sd_version=getattr(backbone, "model_version", None), preview=preview,
+                              overwrite=cfg.overwrite)
+    host.refresh_loras()
+    return str(installed)
+
+
+def launch_training(host: Host, job: TrainingJob, cfg: TrainConfig, *, background: bool = True) -> None:
+    """Start ``cfg`` on ``job`` inside the host's lock, with its model, interrupt flag and progress hook."""
+    job.start(cfg, host.get_backbone, background=background, wrap=host.run_exclusive,
+              should_stop=host.interrupted, listener=host.progress,
+              on_done=lambda result, backbone: install_result(host, cfg, result, backbone))

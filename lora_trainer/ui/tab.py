@@ -1,0 +1,555 @@
+"""The "LoRA Train" tab: dataset cleaning and captioning, settings, and a live view of the training job.
+
+Written once for gradio 3.41 (A1111) and 4.x (Forge): only components and arguments both have. Every callback is
+a plain module-level function of plain values, so tests call them without a browser; ``build_tab`` only wires them.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from PIL import Image, ImageDraw
+
+from lora_trainer.config import FIELDS, ConfigError, TrainConfig, config_from_dict, dump_config
+from lora_trainer.errors import UserError
+from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.ui.host import Host, launch_training
+from lora_trainer.ui.job import JobBusyError, TrainingJob, current_job
+
+BASIC_KEYS = ("output_name", "trigger_word", "lora_rank", "max_steps", "learning_rate", "resolution", "batch_size")
+ADVANCED_KEYS = tuple(k for k in FIELDS if k not in BASIC_KEYS and k != "train_data_dir")
+CONFIG_KEYS = ("train_data_dir", *BASIC_KEYS, *ADVANCED_KEYS)  # order of the *values every config callback takes
+ZERO_IS_UNSET = frozenset({"max_steps"})  # Number fields where 0 means "not set"
+LOCAL_CAPTIONERS = {"BLIP (local model)": "blip", "WD14 tagger (local model)": "tagger"}
+DEDUP_CHOICES = ("phash", "clip", "off")
+_DROPPED_IMAGE_KINDS = ("too_small", "exact_duplicate", "near_duplicate")
+_EXTENDED_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+PRESETS: dict[str, dict[str, Any]] = {
+    "Style (SD1.5)": {"lora_rank": 32, "lora_alpha": 16.0, "learning_rate": 1e-4, "resolution": 512, "batch_size": 2,
+                      "max_steps": 2000, "flip_aug": True, "target_modules": _EXTENDED_TARGETS,
+                      "train_text_encoder": False, "scheduler": "cosine", "warmup_steps": 100},
+    "Character (SD1.5)": {"lora_rank": 16, "lora_alpha": 8.0, "learning_rate": 1e-4, "resolution": 512,
+                          "batch_size": 2, "max_steps": 1500, "flip_aug": False,
+                          "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "train_text_encoder": True,
+                          "scheduler": "constant", "warmup_steps": 0},
+    "Low VRAM": {"lora_rank": 8, "lora_alpha": 8.0, "batch_size": 1, "resolution": 512,
+                 "gradient_checkpointing": True, "train_text_encoder": False, "cache_latents": True,
+                 "mixed_precision": "auto", "optimizer": "adamw8bit"},
+}
+PLOT_SIZE = (640, 240)
+MAX_THUMBNAILS = 60
+
+
+# ---- config <-> UI values ------------------------------------------------------------------------------------------
+def field_kind(name: str) -> str:
+    """bool, choice, number, optional_number, list, text or optional_text: which widget edits a TrainConfig key."""
+    f = FIELDS[name]
+    annotation = str(f.type)
+    if annotation.startswith("bool"):
+        return "bool"
+    if f.metadata.get("choices"):
+        return "choice"
+    if annotation.startswith(("int", "float")):
+        return "number" if "None" not in annotation or name in ZERO_IS_UNSET else "optional_number"
+    if annotation.startswith("list"):
+        return "list"
+    return "optional_text" if "None" in annotation else "text"
+
+
+def to_ui(name: str, value: Any) -> Any:
+    """A config value as its widget shows it."""
+    kind = field_kind(name)
+    if kind == "list":
+        return "\n".join(value or [])
+    if kind in ("optional_text", "optional_number", "text"):
+        return "" if value is None else str(value)
+    if kind == "number" and value is None:
+        return 0
+    return value
+
+
+def from_ui(name: str, raw: Any) -> Any:
+    """A widget value back to what ``config_from_dict`` takes; errors name the key."""
+    kind = field_kind(name)
+    if kind == "bool":
+        return bool(raw)
+    if kind == "list":
+        return [line.strip() for line in str(raw or "").splitlines() if line.strip()]
+    if kind == "number":
+        if name in ZERO_IS_UNSET and raw in (None, "", 0):
+            return None
+        return raw
+    if kind == "optional_number":
+        text = str(raw if raw is not None else "").strip()
+        if not text:
+            return None
+        try:
+            number = float(text)
+        except ValueError as err:
+            raise ConfigError(f"{name}: expected a number or nothing, got {text!r}") from err
+        return int(number) if str(FIELDS[name].type).startswith("int") and number.is_integer() else number
+    if kind == "optional_text":
+        text = str(raw if raw is not None else "").strip()
+        return text or None
+    return "" if raw is None else raw
+
+
+def values_to_dict(values: Sequence[Any]) -> dict[str, Any]:
+    """UI values in :data:`CONFIG_KEYS` order -> a config mapping (not yet validated)."""
+    if len(values) != len(CONFIG_KEYS):
+        raise ValueError(f"expected {len(CONFIG_KEYS)} config values, got {len(values)}")
+    data = {name: from_ui(name, raw) for name, raw in zip(CONFIG_KEYS, values, strict=True)}
+    if data.get("sample_every") and not data.get("sample_prompts"):
+        data["sample_prompts"] = [data.get("trigger_word") or data.get("output_name") or "a picture"]
+    return data
+
+
+def values_to_config(values: Sequence[Any]) -> TrainConfig:
+    """UI values -> a validated TrainConfig (base_model may stay unset: the host gives the model)."""
+    return config_from_dict(values_to_dict(values), require=False)
+
+
+def config_to_values(cfg: TrainConfig) -> list[Any]:
+    """A TrainConfig as UI values in :data:`CONFIG_KEYS` order."""
+    return [to_ui(name, getattr(cfg, name)) for name in CONFIG_KEYS]
+
+
+def initial_config(host: Host) -> tuple[TrainConfig, str | None]:
+    """TrainConfig defaults, the host's default preset, then the host's own defaults."""
+    defaults = dict(host.defaults())
+    preset = defaults.pop("preset", None)
+    data = dict(PRESETS.get(preset, {}))
+    data.update({k: v for k, v in defaults.items() if k in FIELDS})
+    sample_every = data.pop("sample_every", 0) if not data.get("sample_prompts") else None
+    try:
+        cfg = config_from_dict(data, require=False)
+        if sample_every:  # shown as set; Start fills the prompts from the trigger word (values_to_dict)
+            cfg.sample_every = int(sample_every)
+        return cfg, preset if preset in PRESETS else None
+    except (ConfigError, TypeError, ValueError) as err:
+        print(f"[lora_trainer] ignoring the tab defaults: {err}")
+        return TrainConfig(), None
+
+
+# ---- dataset callbacks ------------------------------------------------------------------------------------------
+def _thumbnail(path: Path, size: int = 192) -> Image.Image | None:
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((size, size))
+            return image.convert("RGB")
+    except (OSError, ValueError):
+        return None
+
+
+def clean_dataset_ui(folder: str, output: str, min_size: float, dedup: str) -> tuple[str, list[list[str]], list, str]:
+    """Run the cleaner; returns (summary, [file, status, kind, reason] rows, dropped thumbnails, new image folder)."""
+    from lora_trainer.data.clean import clean_dataset
+
+    folder = (folder or "").strip()
+    if not folder:
+        return "Set the image folder first.", [], [], folder
+    output = (output or "").strip() or str(Path(folder).with_name(Path(folder).name + "_clean"))
+    try:
+        report = clean_dataset(folder, output, min_size=int(min_size or 0), dedup=dedup or "phash")
+    except (UserError, OSError, ValueError) as err:
+        return f"Clean failed: {err}", [], [], folder
+    entries = sorted(report.entries, key=lambda e: (e.status != "dropped", e.file))
+    rows = [[e.file, e.status, e.kind, e.reason or ""] for e in entries]
+    thumbs = []
+    for entry in report.dropped:
+        if entry.kind in _DROPPED_IMAGE_KINDS and len(thumbs) < MAX_THUMBNAILS:
+            image = _thumbnail(Path(folder) / entry.file)
+            if image is not None:
+                thumbs.append((image, f"{entry.file}: {entry.reason}"))
+    summary = report.summary() + f"\nThe image folder is now the cleaned copy: {output}"
+    return summary, rows, thumbs, str(output)
+
+
+class HostCaptioner:
+    """A host-provided captioner (WebUI BLIP / DeepBooru) behind the Captioner interface."""
+
+    def __init__(self, host: Host, name: str) -> None:
+        self.host, self.name = host, name
+
+    def caption(self, images: list[Image.Image]) -> list[str]:
+        return list(self.host.caption_with_host(self.name, images))
+
+
+def captioner_choices(host: Host) -> list[str]:
+    return [*host.captioners(), *LOCAL_CAPTIONERS]
+
+
+def make_ui_captioner(host: Host, choice: str, model_path: str) -> Any:
+    if choice in LOCAL_CAPTIONERS:
+        from lora_trainer.caption.factory import make_captioner
+
+        return make_captioner(LOCAL_CAPTIONERS[choice], (model_path or "").strip() or None)
+    if choice in host.captioners():
+        return HostCaptioner(host, choice)
+    raise UserError(f"unknown captioner {choice!r}; choose one of: {', '.join(captioner_choices(host))}")
+
+
+def load_caption_rows(folder: str) -> tuple[list[list[str]], str]:
+    """Every image under ``folder`` with its caption (metadata.csv, else .txt), for the editable table."""
+    from lora_trainer.data.captions import load_captions
+    from lora_trainer.data.images import list_image_files
+
+    path = Path((folder or "").strip())
+    if not str(folder or "").strip() or not path.is_dir():
+        return [], f"Image folder {str(folder or '')!r} does not exist."
+    try:
+        captions = load_captions(path)
+    except (UserError, OSError, ValueError) as err:
+        return [], f"Cannot read captions: {err}"
+    names = [p.relative_to(path).as_posix() for p in list_image_files(path)]
+    rows = [[name, captions.get(name, "")] for name in names]
+    missing = sum(1 for _, caption in rows if not caption.strip())
+    return rows, f"{len(rows)} image(s), {missing} without a caption."
+
+
+def _table_rows(table: Any) -> list[list[Any]]:
+    """Dataframe values from gradio 3 or 4 (list of lists, pandas DataFrame, or {"data": ...})."""
+    if table is None:
+        return []
+    if isinstance(table, dict):
+        table = table.get("data") or []
+    if hasattr(table, "columns") and hasattr(table, "values"):
+        table = table.values.tolist()
+    return [list(row) for row in table]
+
+
+def save_caption_rows(folder: str, table: Any) -> str:
+    """Write the edited table to ``<folder>/metadata.csv`` (atomic); every file name must exist."""
+    from lora_trainer.data.captions import METADATA_FILE, write_metadata_csv
+
+    path = Path((folder or "").strip())
+    if not str(folder or "").strip() or not path.is_dir():
+        return f"Image folder {str(folder or '')!r} does not exist."
+    captions: dict[str, str] = {}
+    for row in _table_rows(table):
+        name = str(row[0] if row else "").strip()
+        if not name:
+            continue
+        if not (path / name).is_file():
+            return f"Not saved: {name} is not an image in {path}."
+        captions[name] = "" if len(row) < 2 or row[1] is None else str(row[1]).strip()
+    if not captions:
+        return "Nothing to save: the table is empty."
+    write_metadata_csv(path / METADATA_FILE, captions)
+    return f"Saved {len(captions)} caption(s) to {path / METADATA_FILE}."
+
+
+def caption_dataset_ui(host: Host, folder: str, choice: str, model_path: str, trigger: str,
+                       overwrite: bool) -> tuple[str, list[list[str]]]:
+    """Caption the folder (metadata.csv) with the chosen captioner under the host's GPU lock."""
+    from lora_trainer.caption.run import caption_folder
+
+    folder = (folder or "").strip()
+    if not folder or not Path(folder).is_dir():
+        return f"Image folder {folder!r} does not exist.", []
+    try:
+        captioner = make_ui_captioner(host, choice, model_path)
+        report = host.run_exclusive(lambda: caption_folder(folder, captioner, trigger=trigger or "", fmt="csv",
+                                                           overwrite=bool(overwrite)))
+    except (UserError, OSError, ValueError) as err:
+        return f"Captioning failed: {err}", load_caption_rows(folder)[0]
+    return report.summary(), load_caption_rows(folder)[0]
+
+
+# ---- settings callbacks -----------------------------------------------------------------------------------------
+def apply_preset(name: str, *values: Any) -> list[Any]:
+    """The current values with the preset's keys replaced."""
+    current = list(values)
+    for key, value in PRESETS.get(name, {}).items():
+        current[CONFIG_KEYS.index(key)] = to_ui(key, value)
+    return current
+
+
+def _file_path(file: Any) -> Path | None:
+    """An upload from gr.File: a path string (gradio 4) or a tempfile wrapper with ``.name`` (gradio 3)."""
+    if file is None:
+        return None
+    if isinstance(file, (list, tuple)):
+        file = file[0] if file else None
+    name = getattr(file, "name", file)
+    return Path(name) if name else None
+
+
+def load_yaml_ui(file: Any, *values: Any) -> list[Any]:
+    """Values from an uploaded YAML config (the CLI's format), plus a status line; unchanged on error."""
+    path = _file_path(file)
+    if path is None:
+        return [*values, "Choose a YAML file first."]
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        cfg = config_from_dict(data, require=False)
+    except (OSError, yaml.YAMLError, UserError) as err:
+        return [*values, f"Cannot load {path.name}: {err}"]
+    return [*config_to_values(cfg), f"Loaded {path.name}."]
+
+
+def save_yaml_ui(*values: Any) -> tuple[str | None, str]:
+    """Write the settings as YAML to ``<output_dir>/<output_name>.train.yaml``; returns (file to offer, status)."""
+    try:
+        cfg = values_to_config(values)
+    except UserError as err:
+        return None, f"Not saved: {err}"
+    text = dump_config(cfg)
+    target = Path(cfg.output_dir) / f"{cfg.output_name}.train.yaml"
+    try:
+        atomic_write_text(target, text)
+    except OSError as err:
+        return None, f"Not saved: cannot write {target}: {err}"
+    offered = Path(tempfile.mkdtemp(prefix="lora_train_")) / target.name  # gradio serves temp files in any version
+    offered.write_text(text, encoding="utf-8")
+    return str(offered), f"Saved {target}."
+
+
+# ---- training callbacks -----------------------------------------------------------------------------------------
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def status_html(snap: dict[str, Any], note: str = "") -> str:
+    """The status panel; ``data-status`` tells lora_train.js whether to keep polling."""
+    esc = html.escape
+    status = snap.get("status", "idle")
+    parts = [f'<div class="lora_train_status_box" data-status="{esc(status)}">']
+    line = f"<b>{esc(status)}</b>"
+    if snap.get("total_steps"):
+        line += f" &mdash; step {snap['step']}/{snap['total_steps']}"
+    if snap.get("loss") is not None:
+        line += f" &mdash; loss {snap['loss']:.4f} (avg {snap['loss_avg']:.4f})"
+    if snap.get("seconds_per_step"):
+        line += f" &mdash; {snap['seconds_per_step']:.2f} s/step"
+    if status == "running":
+        line += f" &mdash; ETA {_duration(snap.get('eta_seconds'))}"
+    if snap.get("elapsed_seconds") is not None:
+        line += f" &mdash; elapsed {_duration(snap['elapsed_seconds'])}"
+    parts.append(f"<div>{line}</div>")
+    percent = 100.0 * float(snap.get("progress") or 0.0)
+    parts.append(f'<div class="lora_train_bar"><div style="width:{percent:.1f}%"></div></div>')
+    if snap.get("error"):
+        parts.append(f'<div class="lora_train_error">{esc(snap["error"])}</div>')
+    if snap.get("lora_file"):
+        parts.append(f"<div>Installed: {esc(snap['lora_file'])}</div>")
+    elif snap.get("result_path"):
+        parts.append(f"<div>Saved: {esc(snap['result_path'])}</div>")
+    if snap.get("checkpoint") and status != "done":
+        parts.append(f"<div>Checkpoint: {esc(snap['checkpoint'])} (resume_from: latest)</div>")
+    if note:
+        parts.append(f'<div class="lora_train_note">{esc(note)}</div>')
+    messages = snap.get("messages") or []
+    if messages:
+        parts.append('<pre class="lora_train_log">' + esc("\n".join(messages[-6:])) + "</pre>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE) -> Image.Image:
+    """Loss per step (grey) and its moving average (blue) as a PNG-ready PIL image; no matplotlib needed."""
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 56, width - 12, 12, height - 24
+    draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    values = [float(v) for v in losses if v == v]  # drop NaN
+    if not values:
+        draw.text((left + 10, top + 10), "no loss yet", fill=(120, 120, 120))
+        return image
+    low, high = min(values), max(values)
+    if high - low < 1e-12:
+        low, high = low - 0.5, high + 0.5
+    span_x = max(len(values) - 1, 1)
+
+    def point(i: int, v: float) -> tuple[float, float]:
+        return (left + (right - left) * i / span_x, bottom - (bottom - top) * (v - low) / (high - low))
+
+    window = max(1, len(values) // 20)
+    smooth = []
+    total = 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        smooth.append(total / min(i + 1, window))
+    for series, colour in ((values, (190, 190, 190)), (smooth, (30, 90, 200))):
+        if len(series) == 1:
+            x, y = point(0, series[0])
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        else:
+            draw.line([point(i, v) for i, v in enumerate(series)], fill=colour, width=2 if colour[2] == 200 else 1)
+    draw.text((4, top), f"{high:.4f}", fill=(60, 60, 60))
+    draw.text((4, bottom - 10), f"{low:.4f}", fill=(60, 60, 60))
+    draw.text((left, bottom + 6), "step 1", fill=(60, 60, 60))
+    draw.text((right - 60, bottom + 6), f"step {len(values)}", fill=(60, 60, 60))
+    return image
+
+
+@functools.lru_cache(maxsize=8)
+def _sample_images(paths: tuple[str, ...]) -> list[tuple[Image.Image, str]]:
+    out = []
+    for path in paths:
+        image = _thumbnail(Path(path), 512)
+        if image is not None:
+            out.append((image, Path(path).name))
+    return out
+
+
+def poll_ui(job: TrainingJob) -> tuple[str, Image.Image, list]:
+    """(status HTML, loss plot, sample images) of the job now."""
+    snap = job.snapshot()
+    return status_html(snap), render_loss_plot(job.all_losses()), _sample_images(tuple(snap["sample_paths"]))
+
+
+def start_training_ui(host: Host, job: TrainingJob, *values: Any) -> str:
+    """Validate the settings and start the job in the background; returns the status HTML."""
+    try:
+        cfg = values_to_config(values)
+        if not cfg.train_data_dir or not Path(cfg.train_data_dir).is_dir():
+            raise ConfigError(f"train_data_dir: image folder {cfg.train_data_dir!r} does not exist")
+        launch_training(host, job, cfg, background=True)
+    except (UserError, JobBusyError) as err:
+        return status_html(job.snapshot(), note=f"Not started: {err}")
+    return status_html(job.snapshot(), note="Started.")
+
+
+def interrupt_ui(job: TrainingJob) -> str:
+    note = "Interrupt requested: the run stops after this step and saves a checkpoint." if job.cancel() \
+        else "Nothing is running."
+    return status_html(job.snapshot(), note=note)
+
+
+# ---- layout -----------------------------------------------------------------------------------------------------
+def _label(name: str) -> str:
+    return name.replace("_", " ").capitalize()
+
+
+def make_field(name: str, value: Any) -> Any:
+    """The widget for one TrainConfig key, from its metadata."""
+    import gradio as gr
+
+    f = FIELDS[name]
+    kind = field_kind(name)
+    common = {"label": _label(name), "info": f.metadata.get("doc") or None, "elem_id": f"lora_train_cfg_{name}"}
+    ui_value = to_ui(name, value)
+    if kind == "bool":
+        return gr.Checkbox(value=bool(ui_value), **common)
+    if kind == "choice":
+        return gr.Dropdown(choices=list(f.metadata["choices"]), value=ui_value, **common)
+    if kind == "number":
+        integer = str(f.type).startswith("int")
+        return gr.Number(value=ui_value, precision=0 if integer else None, **common)
+    if kind == "list":
+        return gr.Textbox(value=ui_value, lines=3, placeholder="one per line", **common)
+    return gr.Textbox(value=ui_value, lines=1, placeholder="empty: default" if kind.startswith("optional") else "",
+                      **common)
+
+
+def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float | None = None) -> Any:
+    """The tab as a gr.Blocks; ``poll_every`` adds a timed refresh (needs the queue) besides the JS poller."""
+    import gradio as gr
+
+    job = job or current_job()
+    cfg, preset = initial_config(host)
+    fields: dict[str, Any] = {}
+    style = Path(__file__).resolve().parents[2] / "style.css"
+    css = style.read_text(encoding="utf-8") if style.is_file() else None
+    with gr.Blocks(analytics_enabled=False, css=css) as blocks:
+        with gr.Tabs(elem_id="lora_train_tabs"):
+            with gr.Tab("Dataset", elem_id="lora_train_dataset_tab"):
+                fields["train_data_dir"] = gr.Textbox(label="Image folder", value=to_ui("train_data_dir",
+                                                      cfg.train_data_dir), elem_id="lora_train_cfg_train_data_dir",
+                                                      placeholder="folder of training images")
+                with gr.Accordion("Clean", open=False, elem_id="lora_train_clean"):
+                    with gr.Row():
+                        clean_output = gr.Textbox(label="Output folder", placeholder="empty: <image folder>_clean",
+                                                  elem_id="lora_train_clean_output")
+                        clean_min = gr.Number(label="Minimum size (px)", value=512, precision=0,
+                                              elem_id="lora_train_clean_min_size")
+                        clean_dedup = gr.Dropdown(label="Duplicates", choices=list(DEDUP_CHOICES), value="phash",
+                                                  elem_id="lora_train_clean_dedup")
+                    clean_button = gr.Button("Clean", elem_id="lora_train_clean_button")
+                    clean_summary = gr.Textbox(label="Result", lines=3, interactive=False,
+                                               elem_id="lora_train_clean_summary")
+                    clean_table = gr.Dataframe(headers=["file", "status", "kind", "reason"], type="array",
+                                               datatype=["str", "str", "str", "str"], col_count=(4, "fixed"),
+                                               interactive=False, wrap=True, elem_id="lora_train_clean_table")
+                    clean_gallery = gr.Gallery(label="Dropped images", elem_id="lora_train_dropped_gallery",
+                                               elem_classes=["lora_train_gallery"])
+                with gr.Accordion("Caption", open=False, elem_id="lora_train_caption"):
+                    choices = captioner_choices(host)
+                    with gr.Row():
+                        cap_choice = gr.Dropdown(label="Captioner", choices=choices, value=choices[0],
+                                                 elem_id="lora_train_captioner")
+                        cap_model = gr.Textbox(label="Model path (local models)", placeholder="empty: default folder",
+                                               elem_id="lora_train_caption_model")
+                        cap_trigger = gr.Textbox(label="Caption trigger word", value=cfg.trigger_word,
+                                                 elem_id="lora_train_caption_trigger")
+                        cap_overwrite = gr.Checkbox(label="Overwrite existing captions", value=False,
+                                                    elem_id="lora_train_caption_overwrite")
+                    cap_button = gr.Button("Caption", elem_id="lora_train_caption_button")
+                with gr.Row():
+                    load_caps = gr.Button("Load captions", elem_id="lora_train_load_captions")
+                    save_caps = gr.Button("Save captions", variant="primary", elem_id="lora_train_save_captions")
+                caption_status = gr.Textbox(label="Captions", interactive=False, elem_id="lora_train_caption_status")
+                caption_table = gr.Dataframe(headers=["filename", "caption"], type="array", datatype=["str", "str"],
+                                             col_count=(2, "fixed"), interactive=True, wrap=True,
+                                             elem_id="lora_train_caption_table")
+            with gr.Tab("Train", elem_id="lora_train_train_tab"):
+                with gr.Row():
+                    preset_box = gr.Dropdown(label="Preset", choices=list(PRESETS), value=preset,
+                                             elem_id="lora_train_preset")
+                    yaml_in = gr.File(label="Load YAML", file_types=[".yaml", ".yml"], elem_id="lora_train_yaml_in")
+                    yaml_out = gr.File(label="Saved YAML", interactive=False, elem_id="lora_train_yaml_out")
+                with gr.Row():
+                    save_yaml = gr.Button("Save YAML", elem_id="lora_train_save_yaml")
+                    settings_status = gr.Textbox(label="Settings", interactive=False,
+                                                 elem_id="lora_train_settings_status")
+                for chunk in (BASIC_KEYS[:4], BASIC_KEYS[4:]):
+                    with gr.Row():
+                        for name in chunk:
+                            fields[name] = make_field(name, getattr(cfg, name))
+                with gr.Accordion("Advanced", open=False, elem_id="lora_train_advanced"):
+                    for start in range(0, len(ADVANCED_KEYS), 3):
+                        with gr.Row():
+                            for name in ADVANCED_KEYS[start:start + 3]:
+                                fields[name] = make_field(name, getattr(cfg, name))
+                with gr.Row():
+                    start_button = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
+                    stop_button = gr.Button("Interrupt", elem_id="lora_train_interrupt")
+                    refresh = gr.Button("Refresh", visible=False, elem_id="lora_train_refresh")
+                status = gr.HTML(status_html(job.snapshot()), elem_id="lora_train_status")
+                with gr.Row():
+                    plot = gr.Image(value=render_loss_plot(job.all_losses()), label="Loss", type="pil",
+                                    interactive=False, elem_id="lora_train_loss_plot")
+                    samples = gr.Gallery(label="Samples", elem_id="lora_train_samples",
+                                         elem_classes=["lora_train_gallery"])
+
+        inputs = [fields[name] for name in CONFIG_KEYS]
+        clean_button.click(clean_dataset_ui, inputs=[fields["train_data_dir"], clean_output, clean_min, clean_dedup],
+                           outputs=[clean_summary, clean_table, clean_gallery, fields["train_data_dir"]])
+        cap_button.click(functools.partial(caption_dataset_ui, host),
+                         inputs=[fields["train_data_dir"], cap_choice, cap_model, cap_trigger, cap_overwrite],
+                         outputs=[caption_status, caption_table])
+        load_caps.click(load_caption_rows, inputs=[fields["train_data_dir"]], outputs=[caption_table, caption_status])
+        save_caps.click(save_caption_rows, inputs=[fields["train_data_dir"], caption_table], outputs=[caption_status])
+        preset_box.change(apply_preset, inputs=[preset_box, *inputs], outputs=inputs)
+        yaml_in.upload(load_yaml_ui, inputs=[yaml_in, *inputs], outputs=[*inputs, settings_status])
+        save_yaml.click(save_yaml_ui, inputs=inputs, outputs=[yaml_out, settings_status])
+        start_button.click(functools.partial(start_training_ui, host, job), inputs=inputs, outputs=[status])
+        stop_button.click(functools.partial(interrupt_ui, job), outputs=[status])
+        poll = functools.partial(poll_ui, job)
+        refresh.click(poll, outputs=[status, plot, samples], show_progress="hidden")
+        if poll_every:
+            blocks.load(poll, outputs=[status, plot, samples], every=poll_every)
+    return blocks

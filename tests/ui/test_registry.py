@@ -1,0 +1,75 @@
+"""Installing a trained LoRA into the Lora folder: safe names, preview, user-metadata sidecar."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from lora_trainer.errors import UserError
+from lora_trainer.ui.registry import register_lora, sanitise_name, webui_sd_version
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("  my style  ", "my style"),
+    ("../../etc/passwd", "_.._etc_passwd"),
+    ("a\\b/c", "a_b_c"),
+    ("héllo:wörld?*", "h_llo_w_rld__"),
+    ("...hidden", "hidden"),
+    ("name.safetensors", "name"),
+    ("v1.5-char_01", "v1.5-char_01"),
+])
+def test_sanitise_name(raw, expected):
+    assert sanitise_name(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "...", "x" * 101])
+def test_sanitise_name_rejects(raw):
+    with pytest.raises(UserError):
+        sanitise_name(raw)
+
+
+def test_webui_sd_version():
+    assert [webui_sd_version(v) for v in ("sd_v1", "sd_v2", "sdxl", "SDXL", None, "flux")] == \
+        ["SD1", "SD2", "SDXL", "SDXL", "Unknown", "Unknown"]
+
+
+def test_register_writes_lora_preview_and_sidecar(tmp_path):
+    trained = tmp_path / "out" / "trained.safetensors"
+    trained.parent.mkdir()
+    trained.write_bytes(b"lora-bytes")
+    sample = tmp_path / "sample.jpg"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(sample)
+    lora_dir = tmp_path / "models" / "Lora"
+
+    path = register_lora(trained, lora_dir, "my/char", trigger_word=" zkchar ", sd_version="sd_v1",
+                         preview=sample, description="a test")
+    assert path == lora_dir / "my_char.safetensors" and path.read_bytes() == b"lora-bytes"
+    with Image.open(lora_dir / "my_char.preview.png") as preview:
+        assert preview.format == "PNG" and preview.size == (16, 16)
+    meta = json.loads((lora_dir / "my_char.json").read_text(encoding="utf-8"))
+    assert meta["description"] == "a test" and meta["sd version"] == "SD1"
+    assert meta["activation text"] == "zkchar" and meta["preferred weight"] == 0.8 and "notes" in meta
+    assert not [p for p in lora_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_register_refuses_to_overwrite_unless_asked(tmp_path):
+    trained = tmp_path / "t.safetensors"
+    trained.write_bytes(b"new")
+    (tmp_path / "Lora").mkdir()
+    (tmp_path / "Lora" / "x.safetensors").write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        register_lora(trained, tmp_path / "Lora", "x", trigger_word="t", sd_version="sdxl")
+    assert (tmp_path / "Lora" / "x.safetensors").read_bytes() == b"old"
+    register_lora(trained, tmp_path / "Lora", "x", trigger_word="t", sd_version="sdxl", overwrite=True)
+    assert (tmp_path / "Lora" / "x.safetensors").read_bytes() == b"new"
+    assert json.loads((tmp_path / "Lora" / "x.json").read_text())["sd version"] == "SDXL"
+
+
+def test_register_in_place_and_missing_source(tmp_path):
+    trained = tmp_path / "same.safetensors"
+    trained.write_bytes(b"data")
+    assert register_lora(trained, tmp_path, "same") == trained and trained.read_bytes() == b"data"
+    with pytest.raises(UserError, match="does not exist"):
+        register_lora(tmp_path / "missing.safetensors", tmp_path, "m")

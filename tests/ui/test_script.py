@@ -1,0 +1,92 @@
+"""scripts/lora_train.py against a fake WebUI ``modules`` package: callbacks, settings, error tab, routes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from lora_trainer.ui.host import BaseHost
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "lora_train.py"
+needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio is not installed")
+
+
+class OptionInfo:
+    def __init__(self, default=None, label="", component=None, component_args=None, section=None, **kwargs):
+        self.default, self.label, self.component, self.component_args, self.section = (
+            default, label, component, component_args, section)
+
+
+@pytest.fixture
+def webui(monkeypatch, tmp_path):
+    """Fake ``modules.script_callbacks`` / ``modules.shared`` and a fake ``lora_trainer.ui.webui_host``."""
+    callbacks: dict[str, list] = {}
+    script_callbacks = types.ModuleType("modules.script_callbacks")
+    for name in ("on_ui_tabs", "on_ui_settings", "on_app_started"):
+        setattr(script_callbacks, name, lambda fn, _n=name: callbacks.setdefault(_n, []).append(fn))
+    options: dict[str, OptionInfo] = {}
+    shared = types.ModuleType("modules.shared")
+    shared.OptionInfo = OptionInfo
+    shared.opts = types.SimpleNamespace(add_option=lambda key, info: options.__setitem__(key, info))
+    shared.cmd_opts = types.SimpleNamespace(api_auth="u:p")
+    modules = types.ModuleType("modules")
+    modules.script_callbacks, modules.shared = script_callbacks, shared
+    host_module = types.ModuleType("lora_trainer.ui.webui_host")
+    host_module.WebUIHost = lambda: BaseHost(tmp_path / "Lora")
+    for name, module in (("modules", modules), ("modules.script_callbacks", script_callbacks),
+                         ("modules.shared", shared), ("lora_trainer.ui.webui_host", host_module)):
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("lora_train_script_under_test", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return types.SimpleNamespace(script=script, callbacks=callbacks, options=options, host_module=host_module)
+
+
+def test_registers_the_three_callbacks(webui):
+    assert {k: len(v) for k, v in webui.callbacks.items()} == {"on_ui_tabs": 1, "on_ui_settings": 1,
+                                                               "on_app_started": 1}
+    assert str(SCRIPT.parents[1]) in sys.path
+
+
+@needs_gradio
+def test_settings_section(webui):
+    webui.callbacks["on_ui_settings"][0]()
+    assert set(webui.options) == {"lora_train_output_dir", "lora_train_sample_every", "lora_train_default_preset"}
+    assert all(info.section == ("lora_train", "LoRA Train") for info in webui.options.values())
+    assert "Low VRAM" in webui.options["lora_train_default_preset"].component_args["choices"]
+
+
+@needs_gradio
+def test_tab_and_error_tab(webui):
+    import gradio as gr
+
+    [(blocks, title, elem_id)] = webui.callbacks["on_ui_tabs"][0]()
+    assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("LoRA Train", "lora_train")
+    assert "lora_train_start" in {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+
+    def broken():
+        raise RuntimeError("no model is loaded <yet>")
+
+    webui.host_module.WebUIHost = broken
+    webui.script._host = None
+    [(blocks, _, _)] = webui.callbacks["on_ui_tabs"][0]()
+    errors = [b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "lora_train_startup_error"]
+    assert errors and "no model is loaded &lt;yet&gt;" in errors[0].value
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("httpx") is None,
+                    reason="fastapi/httpx are not installed")
+def test_app_started_adds_authenticated_routes(webui):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    webui.callbacks["on_app_started"][0](None, app)
+    client = TestClient(app)
+    assert client.get("/lora-train/v1/jobs/current").status_code == 401
+    response = client.get("/lora-train/v1/jobs/current", auth=("u", "p"))
+    assert response.status_code == 200 and response.json()["status"] in ("idle", "done", "interrupted", "failed")

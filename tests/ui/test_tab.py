@@ -1,0 +1,218 @@
+"""The tab's callbacks as plain functions, and (when gradio is installed) that build_tab assembles."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from lora_trainer.config import TrainConfig, config_from_dict
+from lora_trainer.data.captions import read_metadata_csv
+from lora_trainer.ui import tab
+from lora_trainer.ui.host import BaseHost
+from lora_trainer.ui.job import TrainingJob
+
+
+class FakeHost(BaseHost):
+    def __init__(self, lora_dir: Path, backbone_factory=None, **defaults) -> None:
+        super().__init__(lora_dir, defaults)
+        self.backbone_factory = backbone_factory
+        self.locked = 0
+        self.refreshed = 0
+        self.progress_calls = 0
+
+    def get_backbone(self):
+        return self.backbone_factory() if self.backbone_factory else None
+
+    def run_exclusive(self, fn):
+        self.locked += 1
+        return fn()
+
+    def progress(self, snapshot):
+        self.progress_calls += 1
+
+    def refresh_loras(self):
+        self.refreshed += 1
+
+    def captioners(self):
+        return ["Fake captioner"]
+
+    def caption_with_host(self, name, images):
+        assert name == "Fake captioner"
+        return [f"a {image.size[0]} px picture" for image in images]
+
+
+def ui_values(**overrides) -> list:
+    cfg = config_from_dict(overrides, require=False)
+    return tab.config_to_values(cfg)
+
+
+def test_config_keys_cover_every_setting_once():
+    assert sorted(tab.CONFIG_KEYS) == sorted(TrainConfig().to_dict())
+    assert len(set(tab.CONFIG_KEYS)) == len(tab.CONFIG_KEYS)
+
+
+def test_ui_values_convert_back_to_the_same_config(tmp_path):
+    cfg = config_from_dict({"train_data_dir": str(tmp_path), "max_steps": 300, "text_encoder_lr": 5e-5,
+                            "sample_prompts": ["a, b", "c"], "target_modules": ["to_q", "to_v"],
+                            "train_text_encoder": True, "scheduler": "cosine"}, require=False)
+    values = tab.config_to_values(cfg)
+    assert values[tab.CONFIG_KEYS.index("sample_prompts")] == "a, b\nc"
+    assert tab.values_to_config(values) == cfg
+
+
+def test_empty_widgets_mean_unset():
+    values = ui_values()
+    values[tab.CONFIG_KEYS.index("max_steps")] = 0
+    values[tab.CONFIG_KEYS.index("min_snr_gamma")] = "  "
+    values[tab.CONFIG_KEYS.index("resume_from")] = ""
+    cfg = tab.values_to_config(values)
+    assert cfg.max_steps is None and cfg.min_snr_gamma is None and cfg.resume_from is None
+    values[tab.CONFIG_KEYS.index("min_snr_gamma")] = "five"
+    with pytest.raises(Exception, match="min_snr_gamma"):
+        tab.values_to_config(values)
+
+
+def test_sample_every_without_prompts_uses_the_trigger_word():
+    values = ui_values(trigger_word="zkx")
+    values[tab.CONFIG_KEYS.index("sample_every")] = 50
+    assert tab.values_to_config(values).sample_prompts == ["zkx"]
+
+
+def test_presets_change_only_their_keys():
+    values = ui_values(output_name="mine")
+    out = tab.apply_preset("Low VRAM", *values)
+    cfg = tab.values_to_config(out)
+    assert cfg.gradient_checkpointing and cfg.batch_size == 1 and cfg.lora_rank == 8
+    assert cfg.output_name == "mine"
+    assert tab.apply_preset("no such preset", *values) == values
+    for preset in tab.PRESETS.values():  # every preset is a valid config
+        config_from_dict(preset, require=False)
+
+
+@pytest.mark.parametrize("gradio3", [False, True])
+def test_yaml_save_then_load_round_trip(tmp_path, gradio3):
+    values = ui_values(train_data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"),
+                       output_name="rt", lora_rank=8, max_steps=123, sample_prompts=["p1"], flip_aug=True)
+    offered, status = tab.save_yaml_ui(*values)
+    saved = tmp_path / "out" / "rt.train.yaml"
+    assert "Saved" in status and saved.is_file() and Path(offered).read_text() == saved.read_text()
+    assert yaml.safe_load(saved.read_text())["lora_rank"] == 8  # the CLI's YAML format
+    upload = SimpleNamespace(name=offered) if gradio3 else offered
+    loaded = tab.load_yaml_ui(upload, *ui_values())
+    assert loaded[:-1] == values and "Loaded rt.train.yaml" in loaded[-1]
+
+
+def test_yaml_load_errors_keep_the_values(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora_rnak: 4\n")
+    values = ui_values()
+    out = tab.load_yaml_ui(str(bad), *values)
+    assert out[:-1] == values and "did you mean 'lora_rank'" in out[-1]
+    assert tab.load_yaml_ui(None, *values)[-1] == "Choose a YAML file first."
+
+
+def test_caption_table_load_edit_save(shapes_dataset):
+    rows, status = tab.load_caption_rows(str(shapes_dataset))
+    assert len(rows) == 8 and "8 image(s)" in status and all(caption for _, caption in rows)
+    rows[0][1] = "  edited caption  "
+    assert "Saved 8 caption(s)" in tab.save_caption_rows(str(shapes_dataset), rows)
+    assert read_metadata_csv(shapes_dataset / "metadata.csv")[rows[0][0]] == "edited caption"
+    # gradio 4 may hand back {"data": rows}; a row for a file that is not there is refused
+    assert "Saved" in tab.save_caption_rows(str(shapes_dataset), {"data": rows})
+    before = (shapes_dataset / "metadata.csv").read_text()
+    assert "not an image" in tab.save_caption_rows(str(shapes_dataset), [*rows, ["ghost.png", "x"]])
+    assert (shapes_dataset / "metadata.csv").read_text() == before
+    assert "does not exist" in tab.load_caption_rows(str(shapes_dataset / "nope"))[1]
+
+
+def test_caption_with_a_host_captioner(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40 + i, 40), (i * 50, 0, 0)).save(folder / f"{i}.png")
+    host = FakeHost(tmp_path / "Lora")
+    assert tab.captioner_choices(host)[0] == "Fake captioner"
+    status, rows = tab.caption_dataset_ui(host, str(folder), "Fake captioner", "", "zkx", False)
+    assert host.locked == 1 and "3" in status
+    assert rows == [["0.png", "zkx, a 40 px picture"], ["1.png", "zkx, a 41 px picture"],
+                    ["2.png", "zkx, a 42 px picture"]]
+    status, _ = tab.caption_dataset_ui(host, str(folder), "Unknown", "", "", False)
+    assert "unknown captioner" in status
+
+
+def test_clean_reports_and_shows_dropped_images(tmp_path):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    Image.new("RGB", (96, 96), (200, 30, 30)).save(folder / "big.png")
+    Image.new("RGB", (16, 16), (30, 200, 30)).save(folder / "tiny.png")
+    summary, rows, thumbs, new_folder = tab.clean_dataset_ui(str(folder), "", 64, "off")
+    assert new_folder == str(tmp_path / "raw_clean") and (tmp_path / "raw_clean" / "big.png").is_file()
+    assert rows[0][:3] == ["tiny.png", "dropped", "too_small"] and ["big.png", "kept"] == rows[1][:2]
+    assert len(thumbs) == 1 and thumbs[0][1].startswith("tiny.png")
+    assert "1 file(s) dropped" in summary
+    assert tab.clean_dataset_ui("", "", 64, "off")[0] == "Set the image folder first."
+
+
+def test_loss_plot_and_status_html():
+    plot = tab.render_loss_plot([1.0, 0.8, 0.9, 0.5, 0.4])
+    assert plot.size == tab.PLOT_SIZE
+    pixels = np.asarray(plot)
+    assert ((pixels[..., 2] > 150) & (pixels[..., 0] < 100)).any()  # the blue moving average is drawn
+    assert tab.render_loss_plot([]).size == tab.PLOT_SIZE
+    html = tab.status_html({"status": "failed", "error": "<bad> & wrong", "progress": 0.5}, note="n")
+    assert 'data-status="failed"' in html and "&lt;bad&gt; &amp; wrong" in html
+
+
+def test_start_poll_and_install(make_tiny_backbone, shapes_dataset, tmp_path):
+    host = FakeHost(tmp_path / "Lora", make_tiny_backbone)
+    job = TrainingJob()
+    values = ui_values(train_data_dir=str(shapes_dataset), output_dir=str(tmp_path / "out"), output_name="tab lora",
+                       trigger_word="zkx", resolution=64, batch_size=4, max_steps=2, lora_rank=4, device="cpu",
+                       sample_prompts=["zkx"], sample_steps=2)
+    html = tab.start_training_ui(host, job, *values)
+    assert "Started." in html
+    assert job.wait(120)
+    status, plot, samples = tab.poll_ui(job)
+    assert 'data-status="done"' in status, status
+    assert plot.size == tab.PLOT_SIZE and len(samples) == 1 and isinstance(samples[0][0], Image.Image)
+    installed = tmp_path / "Lora" / "tab lora.safetensors"
+    assert installed.is_file() and (tmp_path / "Lora" / "tab lora.preview.png").is_file()
+    meta = json.loads((tmp_path / "Lora" / "tab lora.json").read_text())
+    assert meta["sd version"] == "SD1" and meta["activation text"] == "zkx"
+    assert host.locked == 1 and host.refreshed == 1 and host.progress_calls >= 2
+    assert "Nothing is running" in tab.interrupt_ui(job)
+
+
+def test_start_refuses_bad_settings(tmp_path):
+    job = TrainingJob()
+    host = FakeHost(tmp_path / "Lora")
+    html = tab.start_training_ui(host, job, *ui_values(train_data_dir=str(tmp_path / "missing")))
+    assert "Not started" in html and "does not exist" in html and job.snapshot()["status"] == "idle"
+
+
+def test_initial_config_uses_host_defaults_and_preset(tmp_path):
+    host = FakeHost(tmp_path, output_dir=str(tmp_path / "o"), sample_every=100, preset="Low VRAM", unknown=1)
+    cfg, preset = tab.initial_config(host)
+    assert preset == "Low VRAM" and cfg.gradient_checkpointing and cfg.output_dir == str(tmp_path / "o")
+    assert cfg.sample_every == 100 and cfg.sample_prompts == []  # Start fills the prompts from the trigger word
+    assert tab.values_to_config(tab.config_to_values(cfg)).sample_prompts == ["my_lora"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio is not installed")
+def test_build_tab_returns_blocks(tmp_path):
+    import gradio as gr
+
+    blocks = tab.build_tab(FakeHost(tmp_path), TrainingJob())
+    assert isinstance(blocks, gr.Blocks)
+    ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
+    for elem in ("lora_train_refresh", "lora_train_status", "lora_train_loss_plot", "lora_train_samples",
+                 "lora_train_caption_table", "lora_train_advanced", "lora_train_cfg_noise_offset"):
+        assert elem in ids
+    assert all(elem.startswith("lora_train_") for elem in ids if elem)
