@@ -47,9 +47,10 @@ def list_image_files(folder: str | Path) -> list[Path]:
 
 def _scale_to_8bit(array: np.ndarray) -> np.ndarray:
     """16-bit (or 32-bit integer / float) single-channel data scaled into 0..255."""
+    is_float = array.dtype.kind == "f"
     array = array.astype(np.float64)
     peak = float(array.max()) if array.size else 0.0
-    if array.dtype.kind == "f" and peak <= 1.0:
+    if is_float and peak <= 1.0:
         array = array * 255.0
     elif peak > 255.0:
         array = array / 257.0  # 16-bit range (65535 -> 255)
@@ -68,7 +69,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image.copy()
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_scale_to_8bit(np.asarray(image)), mode="L").convert("RGB")
+        return Image.fromarray(_scale_to_8bit(np.asarray(image))).convert("RGB")  # uint8 2-D: "L"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         return _composite_on_white(image)
     return image.convert("RGB")

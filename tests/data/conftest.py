@@ -14,7 +14,7 @@ def noise(width: int = 64, height: int = 64, seed: int = 0, mode: str = "RGB") -
     """A random-noise image (incompressible, so truncation really cuts pixel data)."""
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
     data = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
-    return Image.fromarray(data[..., 0] if channels == 1 else data, mode=mode)
+    return Image.fromarray(data[..., 0] if channels == 1 else data)  # the mode follows from the shape
 
 
 def save(image: Image.Image, path: Path, **kwargs) -> Path:
