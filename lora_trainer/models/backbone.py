@@ -49,3 +49,7 @@ class Backbone(ABC):
     @abstractmethod
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Trade compute for memory in the denoiser (and text encoder when it is trained)."""
+
+    def release_lora_roots(self) -> None:
+        """Undo what :meth:`lora_roots` set up to expose LoRA targets (nothing, for most models)."""
+        return None

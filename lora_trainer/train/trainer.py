@@ -118,26 +118,27 @@ class Trainer:
             raise FileExistsError(f"{lora_file} exists; set overwrite: true or choose another output_name")
         scan = self._scan()
         backbone = self._load_backbone(device, dtype)
-        roots = backbone.lora_roots(cfg.train_text_encoder)
         states_before = [(m, snapshot_model_state(m)) for m in backbone.frozen_modules()]
-        for module in backbone.frozen_modules():
-            module.requires_grad_(False)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.output_dir / f"{cfg.output_name}.config.yaml", dump_config(cfg))
-        latents = self._encode_latents(scan.items) if cfg.cache_latents else None
-        text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
-        params = inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                             unet_targets=list(cfg.target_modules), te_targets=TE_TARGETS)
-        try:
+        roots: dict = {}
+        try:  # from here on, whatever happens, the backbone is put back as it was
+            roots = backbone.lora_roots(cfg.train_text_encoder)
+            for module in backbone.frozen_modules():
+                module.requires_grad_(False)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.output_dir / f"{cfg.output_name}.config.yaml", dump_config(cfg))
+            latents = self._encode_latents(scan.items) if cfg.cache_latents else None
+            text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
+            inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        unet_targets=list(cfg.target_modules), te_targets=TE_TARGETS)
             return self._train(scan, backbone, roots, device, dtype, resume_path, lora_file, latents,
                                text_cache)
         finally:
             if self.restore_backbone:
                 remove_lora(roots)
                 backbone.set_gradient_checkpointing(False)
+                backbone.release_lora_roots()
                 for module, state in states_before:
                     restore_model_state(module, state)
-            del params
 
     def _train(self, scan: DatasetScan, backbone: Backbone, roots: dict, device: torch.device,
                dtype: torch.dtype, resume_path: Path | None, lora_file: Path, latents: dict | None,

@@ -100,7 +100,7 @@ class WebUIHost:
         if model is None:
             raise UserError("no checkpoint is loaded; pick one in the checkpoint menu at the top first")
         unapply_user_loras()
-        return WebUIBackbone(model, sampler=webui_sampler)
+        return WebUIBackbone(model, sampler=webui_sampler, openclip_text_encoder=True)
 
     def run_exclusive(self, fn: Callable[[], Any]) -> Any:
         """Hold the WebUI's GPU queue lock: no txt2img or checkpoint switch can run during training."""
