@@ -18,6 +18,7 @@ from lora_trainer.config import config_from_dict
 from lora_trainer.errors import UserError
 from lora_trainer.ui.host import Host, launch_training
 from lora_trainer.ui.job import JobBusyError, TrainingJob
+from lora_trainer.ui.registry import NameTakenError
 
 PREFIX = "/lora-train/v1"
 Response = tuple[int, dict[str, Any]]
@@ -53,13 +54,14 @@ def check_api_auth(authorization: str | None, api_auth: str | None) -> bool:
 
 
 def start_job_route(job: TrainingJob, host: Host, payload: Any) -> Response:
-    """POST /jobs: validate the JSON config and start it (202), 409 while busy, 422 for a bad config."""
+    """POST /jobs: validate the JSON config and start it (202); 409 while busy or when the LoRA name is taken
+    (unless ``overwrite``), 422 for a bad config."""
     try:
         cfg = config_from_dict(payload, require=False)
         if not cfg.train_data_dir or not Path(cfg.train_data_dir).is_dir():
             raise UserError(f"train_data_dir: image folder {cfg.train_data_dir!r} does not exist")
         launch_training(host, job, cfg, background=True)
-    except JobBusyError as err:
+    except (JobBusyError, NameTakenError) as err:
         return 409, {"error": str(err), "job": job.snapshot()}
     except UserError as err:
         return 422, {"error": str(err)}

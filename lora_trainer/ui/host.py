@@ -9,7 +9,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
 from lora_trainer.ui.job import TrainingJob
-from lora_trainer.ui.registry import register_lora
+from lora_trainer.ui.registry import check_name_free, register_lora
 
 T = TypeVar("T")
 
@@ -114,7 +114,12 @@ def install_result(host: Host, cfg: TrainConfig, result: Any, backbone: Any) -> 
 
 
 def launch_training(host: Host, job: TrainingJob, cfg: TrainConfig, *, background: bool = True) -> None:
-    """Start ``cfg`` on ``job`` inside the host's lock, with its model, interrupt flag and progress hook."""
+    """Start ``cfg`` on ``job`` inside the host's lock, with its model, interrupt flag and progress hook.
+
+    Refuses (:class:`~lora_trainer.ui.registry.NameTakenError`) before any work when the LoRA name is taken in
+    the host's Lora folder and ``cfg.overwrite`` is off, so a run cannot end by failing to install its result.
+    """
+    check_name_free(host.lora_dir(), cfg.output_name, cfg.overwrite)
     job.start(cfg, host.get_backbone, background=background, wrap=host.run_exclusive,
               should_stop=host.interrupted, listener=host.progress,
               on_done=lambda result, backbone: install_result(host, cfg, result, backbone))

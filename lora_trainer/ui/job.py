@@ -6,6 +6,7 @@ import gc
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, S
 STATUSES = ("idle", "running", "done", "interrupted", "failed")
 MAX_MESSAGES = 200
 LOSS_POINTS = 400  # at most this many points of the loss curve in a snapshot
+MAX_SAMPLES = 12  # sample images kept in the snapshot's history (newest first)
+RATE_WINDOW = 20  # steps over which the speed (and so the ETA) is averaged; spans sample renders too
 
 BackboneFactory = Callable[[], Any]  # returns a Backbone, or None to let the trainer load cfg.base_model
 Wrapper = Callable[[Callable[[], Any]], Any]
@@ -79,6 +82,8 @@ class TrainingJob:
         self.lr = 0.0
         self.seconds_per_step = 0.0
         self.sample_paths: list[str] = []
+        self.sample_history: list[str] = []
+        self._step_times: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW + 1)
         self.messages: list[str] = []
         self.error: str | None = None
         self.result_path: str | None = None
@@ -107,8 +112,9 @@ class TrainingJob:
                 self.losses.append(float(event.loss))
                 self.lr = float(event.lr)
                 self.seconds_per_step = float(event.seconds_per_step)
+                self._step_times.append((time.time(), int(event.step)))
             elif isinstance(event, SampleEvent):
-                self.sample_paths = [str(p) for p in event.paths]
+                self._add_samples(event.paths)
             elif isinstance(event, CheckpointEvent):
                 self.checkpoint = str(event.path)
             elif isinstance(event, MessageEvent):
@@ -116,11 +122,25 @@ class TrainingJob:
         if self._listener is not None:
             self._listener(self.snapshot())
 
+    def _add_samples(self, paths: Any) -> None:
+        self.sample_paths = [str(p) for p in paths]
+        fresh = [p for p in self.sample_paths if p not in self.sample_history]
+        self.sample_history = (fresh[::-1] + self.sample_history)[:MAX_SAMPLES]
+
+    def _average_seconds_per_step(self) -> float:
+        """Seconds per step over the last :data:`RATE_WINDOW` steps (sample renders included), else the last one."""
+        if len(self._step_times) >= 2:
+            (t0, s0), (t1, s1) = self._step_times[0], self._step_times[-1]
+            if s1 > s0:
+                return (t1 - t0) / (s1 - s0)
+        return self.seconds_per_step
+
     def snapshot(self, loss_points: int = LOSS_POINTS) -> dict[str, Any]:
         """Status, progress, ETA, (downsampled) losses, last samples, messages, error and result paths."""
         with self._lock:
             remaining = max(self.total_steps - self.step, 0)
-            eta = remaining * self.seconds_per_step if self.status == "running" and self.seconds_per_step else None
+            rate = self._average_seconds_per_step()
+            eta = remaining * rate if self.status == "running" and rate else None
             end = self.finished_at or time.time()
             recent = self.losses[-20:]
             return {
@@ -134,9 +154,11 @@ class TrainingJob:
                 "losses": downsample(self.losses, loss_points),
                 "lr": self.lr,
                 "seconds_per_step": self.seconds_per_step,
+                "avg_seconds_per_step": rate,
                 "eta_seconds": eta,
                 "elapsed_seconds": (end - self.started_at) if self.started_at else None,
                 "sample_paths": list(self.sample_paths),
+                "sample_history": list(self.sample_history),
                 "messages": list(self.messages),
                 "error": self.error,
                 "result_path": self.result_path,
@@ -234,7 +256,7 @@ class TrainingJob:
                 self.result_path = str(result.lora_path) if result.lora_path else None
                 self.checkpoint = str(result.checkpoint) if result.checkpoint else self.checkpoint
                 if result.sample_paths:
-                    self.sample_paths = [str(p) for p in result.sample_paths]
+                    self._add_samples(result.sample_paths)
             if result.interrupted or result.lora_path is None:
                 self._finish("interrupted")
                 return

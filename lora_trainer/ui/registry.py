@@ -15,14 +15,16 @@ from lora_trainer.fsutil import atomic_write, atomic_write_text
 MAX_NAME = 100
 PREFERRED_WEIGHT = 0.8
 _UNSAFE = re.compile(r"[^A-Za-z0-9 _.\-]")
+_RESERVED = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
+                       *(f"lpt{i}" for i in range(1, 10))})  # device names Windows will not create as files
 _SD_VERSIONS = {"sd_v1": "SD1", "sd1": "SD1", "sd_v2": "SD2", "sd2": "SD2", "sdxl": "SDXL"}
 
 
 def sanitise_name(name: str) -> str:
     """A safe file stem: path separators and characters outside ``[A-Za-z0-9 _.-]`` become ``_``.
 
-    Leading dots and a trailing ``.safetensors`` are removed; raises :class:`UserError` when nothing is left or
-    the name is longer than 100 characters.
+    Leading dots and a trailing ``.safetensors`` are removed; raises :class:`UserError` when nothing is left,
+    the name is a reserved device name (``CON``, ``NUL``, ``COM1``...) or longer than 100 characters.
     """
     text = (name or "").strip()
     if text.lower().endswith(".safetensors"):
@@ -32,7 +34,30 @@ def sanitise_name(name: str) -> str:
         raise UserError(f"LoRA name {name!r} is empty once unsafe characters are removed; choose another name")
     if len(text) > MAX_NAME:
         raise UserError(f"LoRA name is {len(text)} characters long; use at most {MAX_NAME}")
+    if text.split(".")[0].strip().lower() in _RESERVED:
+        raise UserError(f"LoRA name {name!r} is a reserved device name on Windows; choose another name")
     return text
+
+
+class NameTakenError(UserError):
+    """A LoRA of that name is already installed and overwrite is off."""
+
+
+def lora_target(lora_dir: str | Path, name: str) -> Path:
+    """``<lora_dir>/<sanitised name>.safetensors``: where :func:`register_lora` installs ``name``."""
+    return Path(lora_dir) / f"{sanitise_name(name)}.safetensors"
+
+
+def check_name_free(lora_dir: str | Path, name: str, overwrite: bool = False) -> Path:
+    """The install target of ``name``; raises :class:`NameTakenError` when it exists and not ``overwrite``.
+
+    Called before training starts, so a long run does not end by refusing to install its result.
+    """
+    target = lora_target(lora_dir, name)
+    if target.exists() and not overwrite:
+        raise NameTakenError(f"a LoRA named {target.stem!r} already exists in {target.parent}; choose another "
+                        "output_name or turn on overwrite to replace it")
+    return target
 
 
 def webui_sd_version(version: str | None) -> str:
@@ -64,9 +89,8 @@ def register_lora(trained_file: str | Path, lora_dir: str | Path, name: str, *, 
     source = Path(trained_file)
     if not source.is_file():
         raise UserError(f"trained LoRA {source} does not exist")
-    stem = sanitise_name(name)
-    folder = Path(lora_dir)
-    target = folder / f"{stem}.safetensors"
+    target = lora_target(lora_dir, name)
+    folder, stem = target.parent, target.stem
     if not (target.exists() and target.resolve() == source.resolve()):
         atomic_write(target, lambda tmp: shutil.copyfile(source, tmp), overwrite=overwrite)
     if preview:

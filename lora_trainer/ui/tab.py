@@ -22,7 +22,9 @@ from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.ui.host import Host, launch_training
 from lora_trainer.ui.job import JobBusyError, TrainingJob, current_job
 
-BASIC_KEYS = ("output_name", "trigger_word", "lora_rank", "max_steps", "learning_rate", "resolution", "batch_size")
+BASIC_ROWS = (("output_name", "trigger_word", "overwrite"), ("lora_rank", "learning_rate", "batch_size"),
+              ("max_steps", "epochs", "resolution"))  # the settings in view, three per row
+BASIC_KEYS = tuple(name for row in BASIC_ROWS for name in row)
 ADVANCED_KEYS = tuple(k for k in FIELDS if k not in BASIC_KEYS and k != "train_data_dir")
 CONFIG_KEYS = ("train_data_dir", *BASIC_KEYS, *ADVANCED_KEYS)  # order of the *values every config callback takes
 ZERO_IS_UNSET = frozenset({"max_steps"})  # Number fields where 0 means "not set"
@@ -42,7 +44,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "gradient_checkpointing": True, "train_text_encoder": False, "cache_latents": True,
                  "mixed_precision": "auto", "optimizer": "adamw8bit"},
 }
+LABELS = {"max_steps": "Max steps (0: use epochs)", "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha",
+          "lora_dropout": "LoRA dropout", "overwrite": "Overwrite a LoRA of the same name"}
 PLOT_SIZE = (640, 240)
+PLOT_HEIGHT = 260  # px of the plot and gallery widgets: fixed so polling never moves the page
+GALLERY_HEIGHT = 300
 MAX_THUMBNAILS = 60
 
 
@@ -331,8 +337,9 @@ def status_html(snap: dict[str, Any], note: str = "") -> str:
         line += f" &mdash; step {snap['step']}/{snap['total_steps']}"
     if snap.get("loss") is not None:
         line += f" &mdash; loss {snap['loss']:.4f} (avg {snap['loss_avg']:.4f})"
-    if snap.get("seconds_per_step"):
-        line += f" &mdash; {snap['seconds_per_step']:.2f} s/step"
+    rate = snap.get("avg_seconds_per_step") or snap.get("seconds_per_step")
+    if rate:
+        line += f" &mdash; {rate:.2f} s/step"
     if status == "running":
         line += f" &mdash; ETA {_duration(snap.get('eta_seconds'))}"
     if snap.get("elapsed_seconds") is not None:
@@ -358,15 +365,16 @@ def status_html(snap: dict[str, Any], note: str = "") -> str:
 
 
 def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE) -> Image.Image:
-    """Loss per step (grey) and its moving average (blue) as a PNG-ready PIL image; no matplotlib needed."""
+    """Loss per step (faint) and its moving average (blue) on a transparent background (light and dark themes)."""
     width, height = size
-    image = Image.new("RGB", size, "white")
+    image = Image.new("RGBA", size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 56, width - 12, 12, height - 24
-    draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    left, right, top, bottom = 64, width - 12, 30, height - 24  # top margin: gradio's label badge sits there
+    grey = (128, 128, 128, 255)
+    draw.rectangle([left, top, right, bottom], outline=grey)
     values = [float(v) for v in losses if v == v]  # drop NaN
     if not values:
-        draw.text((left + 10, top + 10), "no loss yet", fill=(120, 120, 120))
+        draw.text((left + 10, top + 10), "no loss yet", fill=grey)
         return image
     low, high = min(values), max(values)
     if high - low < 1e-12:
@@ -382,16 +390,18 @@ def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE)
     for i, v in enumerate(values):
         total += v - (values[i - window] if i >= window else 0.0)
         smooth.append(total / min(i + 1, window))
-    for series, colour in ((values, (190, 190, 190)), (smooth, (30, 90, 200))):
-        if len(series) == 1:
-            x, y = point(0, series[0])
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    series = [(values, (150, 150, 150, 150), 1)] if window > 1 else []
+    for line, colour, line_width in [*series, (smooth, (59, 130, 246, 255), 2)]:
+        if len(line) == 1:
+            x, y = point(0, line[0])
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         else:
-            draw.line([point(i, v) for i, v in enumerate(series)], fill=colour, width=2 if colour[2] == 200 else 1)
-    draw.text((4, top), f"{high:.4f}", fill=(60, 60, 60))
-    draw.text((4, bottom - 10), f"{low:.4f}", fill=(60, 60, 60))
-    draw.text((left, bottom + 6), "step 1", fill=(60, 60, 60))
-    draw.text((right - 60, bottom + 6), f"step {len(values)}", fill=(60, 60, 60))
+            draw.line([point(i, v) for i, v in enumerate(line)], fill=colour, width=line_width)
+    draw.text((4, top - 4), f"{high:.4f}", fill=grey)
+    draw.text((4, bottom - 8), f"{low:.4f}", fill=grey)
+    draw.text((4, (top + bottom) // 2 - 4), "loss", fill=grey)
+    draw.text((left, bottom + 6), "step 1", fill=grey)
+    draw.text((right - 60, bottom + 6), f"step {len(values)}", fill=grey)
     return image
 
 
@@ -406,9 +416,10 @@ def _sample_images(paths: tuple[str, ...]) -> list[tuple[Image.Image, str]]:
 
 
 def poll_ui(job: TrainingJob) -> tuple[str, Image.Image, list]:
-    """(status HTML, loss plot, sample images) of the job now."""
+    """(status HTML, loss plot, sample images newest first) of the job now."""
     snap = job.snapshot()
-    return status_html(snap), render_loss_plot(job.all_losses()), _sample_images(tuple(snap["sample_paths"]))
+    paths = snap.get("sample_history") or snap["sample_paths"]
+    return status_html(snap), render_loss_plot(job.all_losses()), _sample_images(tuple(paths))
 
 
 def start_training_ui(host: Host, job: TrainingJob, *values: Any) -> str:
@@ -431,7 +442,7 @@ def interrupt_ui(job: TrainingJob) -> str:
 
 # ---- layout -----------------------------------------------------------------------------------------------------
 def _label(name: str) -> str:
-    return name.replace("_", " ").capitalize()
+    return LABELS.get(name) or name.replace("_", " ").capitalize()
 
 
 def make_field(name: str, value: Any) -> Any:
@@ -484,7 +495,8 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                     clean_table = gr.Dataframe(headers=["file", "status", "kind", "reason"], type="array",
                                                datatype=["str", "str", "str", "str"], col_count=(4, "fixed"),
                                                interactive=False, wrap=True, elem_id="lora_train_clean_table")
-                    clean_gallery = gr.Gallery(label="Dropped images", elem_id="lora_train_dropped_gallery",
+                    clean_gallery = gr.Gallery(label="Dropped images", columns=6, height=GALLERY_HEIGHT,
+                                               object_fit="contain", elem_id="lora_train_dropped_gallery",
                                                elem_classes=["lora_train_gallery"])
                 with gr.Accordion("Caption", open=False, elem_id="lora_train_caption"):
                     choices = captioner_choices(host)
@@ -506,18 +518,20 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                                              col_count=(2, "fixed"), interactive=True, wrap=True,
                                              elem_id="lora_train_caption_table")
             with gr.Tab("Train", elem_id="lora_train_train_tab"):
-                with gr.Row():
-                    preset_box = gr.Dropdown(label="Preset", choices=list(PRESETS), value=preset,
+                with gr.Row(equal_height=True):
+                    preset_box = gr.Dropdown(label="Preset", choices=list(PRESETS), value=preset, scale=2,
                                              elem_id="lora_train_preset")
-                    yaml_in = gr.File(label="Load YAML", file_types=[".yaml", ".yml"], elem_id="lora_train_yaml_in")
-                    yaml_out = gr.File(label="Saved YAML", interactive=False, elem_id="lora_train_yaml_out")
-                with gr.Row():
-                    save_yaml = gr.Button("Save YAML", elem_id="lora_train_save_yaml")
-                    settings_status = gr.Textbox(label="Settings", interactive=False,
+                    yaml_in = gr.UploadButton("Load YAML", file_types=[".yaml", ".yml"], scale=1,
+                                              elem_id="lora_train_yaml_in")
+                    save_yaml = gr.Button("Save YAML", scale=1, elem_id="lora_train_save_yaml")
+                with gr.Row(equal_height=True):
+                    settings_status = gr.Textbox(label="Settings", interactive=False, scale=2,
                                                  elem_id="lora_train_settings_status")
-                for chunk in (BASIC_KEYS[:4], BASIC_KEYS[4:]):
+                    yaml_out = gr.File(label="Saved YAML", interactive=False, visible=False, scale=2,
+                                       elem_id="lora_train_yaml_out")  # shown once there is a file to offer
+                for row in BASIC_ROWS:
                     with gr.Row():
-                        for name in chunk:
+                        for name in row:
                             fields[name] = make_field(name, getattr(cfg, name))
                 with gr.Accordion("Advanced", open=False, elem_id="lora_train_advanced"):
                     for start in range(0, len(ADVANCED_KEYS), 3):
@@ -531,9 +545,9 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                 status = gr.HTML(status_html(job.snapshot()), elem_id="lora_train_status")
                 with gr.Row():
                     plot = gr.Image(value=render_loss_plot(job.all_losses()), label="Loss", type="pil",
-                                    interactive=False, elem_id="lora_train_loss_plot")
-                    samples = gr.Gallery(label="Samples", elem_id="lora_train_samples",
-                                         elem_classes=["lora_train_gallery"])
+                                    interactive=False, height=PLOT_HEIGHT, elem_id="lora_train_loss_plot")
+                    samples = gr.Gallery(label="Samples", columns=3, height=PLOT_HEIGHT, object_fit="contain",
+                                         elem_id="lora_train_samples", elem_classes=["lora_train_gallery"])
 
         inputs = [fields[name] for name in CONFIG_KEYS]
         clean_button.click(clean_dataset_ui, inputs=[fields["train_data_dir"], clean_output, clean_min, clean_dedup],
@@ -545,7 +559,11 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         save_caps.click(save_caption_rows, inputs=[fields["train_data_dir"], caption_table], outputs=[caption_status])
         preset_box.change(apply_preset, inputs=[preset_box, *inputs], outputs=inputs)
         yaml_in.upload(load_yaml_ui, inputs=[yaml_in, *inputs], outputs=[*inputs, settings_status])
-        save_yaml.click(save_yaml_ui, inputs=inputs, outputs=[yaml_out, settings_status])
+        def save_and_offer(*values: Any) -> tuple[Any, str]:
+            file, note = save_yaml_ui(*values)
+            return gr.update(value=file, visible=file is not None), note
+
+        save_yaml.click(save_and_offer, inputs=inputs, outputs=[yaml_out, settings_status])
         start_button.click(functools.partial(start_training_ui, host, job), inputs=inputs, outputs=[status])
         stop_button.click(functools.partial(interrupt_ui, job), outputs=[status])
         poll = functools.partial(poll_ui, job)

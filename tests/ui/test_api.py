@@ -85,6 +85,16 @@ def test_start_route_busy(tmp_path):
     assert code == 409 and "already in progress" in body["error"]
 
 
+def test_start_route_refuses_a_taken_name(tmp_path):
+    (tmp_path / "taken.safetensors").write_bytes(b"old")
+    job = FakeJob()
+    payload = {"train_data_dir": str(tmp_path), "output_name": "taken"}
+    code, body = api.start_job_route(job, BaseHost(tmp_path), payload)
+    assert code == 409 and "already exists" in body["error"] and not job.started
+    code, _ = api.start_job_route(job, BaseHost(tmp_path), {**payload, "overwrite": True})
+    assert code == 202 and len(job.started) == 1
+
+
 def test_current_and_cancel_routes():
     assert api.current_job_route(FakeJob()) == (200, {"status": "idle", "step": 0})
     running = FakeJob(running=True)

@@ -133,3 +133,24 @@ def test_downsample_keeps_shape():
     out = downsample(values, 10)
     assert len(out) == 10 and out[0] == pytest.approx(49.5) and out[-1] == pytest.approx(949.5)
     assert downsample([1.0, 2.0], 10) == [1.0, 2.0]
+
+
+def test_eta_averages_recent_steps_and_samples_keep_history(monkeypatch):
+    from lora_trainer.train.events import SampleEvent, StepEvent
+    from lora_trainer.ui import job as job_module
+
+    job = TrainingJob()
+    job.status, job.total_steps = "running", 100
+    clock = iter([0.0, 1.0, 2.0, 32.0, 33.0])  # step 3 took 30 s (a sample render), the others 1 s
+    monkeypatch.setattr(job_module.time, "time", lambda: next(clock))
+    for step in range(1, 5):
+        job.on_event(StepEvent(step=step, total_steps=100, epoch=0, loss=0.5, lr=1e-4, seconds_per_step=1.0))
+    snap = job.snapshot()
+    assert snap["avg_seconds_per_step"] == pytest.approx(32.0 / 3)  # the slow step counts, not only the last
+    assert snap["eta_seconds"] == pytest.approx(96 * 32.0 / 3)
+    monkeypatch.setattr(job_module.time, "time", lambda: 40.0)
+    for step in (10, 20):
+        job.on_event(SampleEvent(step=step, paths=[f"s{step}-0.png", f"s{step}-1.png"], images=[]))
+    snap = job.snapshot()
+    assert snap["sample_paths"] == ["s20-0.png", "s20-1.png"]
+    assert snap["sample_history"] == ["s20-1.png", "s20-0.png", "s10-1.png", "s10-0.png"]

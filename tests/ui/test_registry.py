@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from lora_trainer.errors import UserError
-from lora_trainer.ui.registry import register_lora, sanitise_name, webui_sd_version
+from lora_trainer.ui.registry import NameTakenError, check_name_free, register_lora, sanitise_name, webui_sd_version
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
@@ -24,7 +24,7 @@ def test_sanitise_name(raw, expected):
     assert sanitise_name(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["", "   ", "...", "x" * 101])
+@pytest.mark.parametrize("raw", ["", "   ", "...", "x" * 101, "CON", "nul.txt", "com1", "LPT9"])
 def test_sanitise_name_rejects(raw):
     with pytest.raises(UserError):
         sanitise_name(raw)
@@ -73,3 +73,11 @@ def test_register_in_place_and_missing_source(tmp_path):
     assert register_lora(trained, tmp_path, "same") == trained and trained.read_bytes() == b"data"
     with pytest.raises(UserError, match="does not exist"):
         register_lora(tmp_path / "missing.safetensors", tmp_path, "m")
+
+
+def test_check_name_free_before_training(tmp_path):
+    assert check_name_free(tmp_path, "a/b") == tmp_path / "a_b.safetensors"
+    (tmp_path / "a_b.safetensors").write_bytes(b"old")
+    with pytest.raises(NameTakenError, match="'a_b' already exists.*overwrite"):
+        check_name_free(tmp_path, "a/b")
+    assert check_name_free(tmp_path, "a/b", overwrite=True) == tmp_path / "a_b.safetensors"

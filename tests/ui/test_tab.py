@@ -166,6 +166,7 @@ def test_loss_plot_and_status_html():
     pixels = np.asarray(plot)
     assert ((pixels[..., 2] > 150) & (pixels[..., 0] < 100)).any()  # the blue moving average is drawn
     assert tab.render_loss_plot([]).size == tab.PLOT_SIZE
+    assert plot.mode == "RGBA" and pixels[5, tab.PLOT_SIZE[0] // 2, 3] == 0  # transparent: fits either theme
     html = tab.status_html({"status": "failed", "error": "<bad> & wrong", "progress": 0.5}, note="n")
     assert 'data-status="failed"' in html and "&lt;bad&gt; &amp; wrong" in html
 
@@ -195,6 +196,21 @@ def test_start_refuses_bad_settings(tmp_path):
     host = FakeHost(tmp_path / "Lora")
     html = tab.start_training_ui(host, job, *ui_values(train_data_dir=str(tmp_path / "missing")))
     assert "Not started" in html and "does not exist" in html and job.snapshot()["status"] == "idle"
+
+
+def test_start_refuses_a_taken_name_before_training(shapes_dataset, tmp_path):
+    (tmp_path / "Lora").mkdir()
+    (tmp_path / "Lora" / "mine.safetensors").write_bytes(b"old")
+    job = TrainingJob()
+    html = tab.start_training_ui(FakeHost(tmp_path / "Lora"), job,
+                                 *ui_values(train_data_dir=str(shapes_dataset), output_name="mine"))
+    assert "Not started" in html and "already exists" in html and job.snapshot()["status"] == "idle"
+
+
+def test_settings_in_view_include_steps_epochs_and_overwrite():
+    assert {"max_steps", "epochs", "overwrite", "lora_rank", "learning_rate", "resolution", "batch_size"} \
+        <= set(tab.BASIC_KEYS)
+    assert not set(tab.BASIC_KEYS) & set(tab.ADVANCED_KEYS)
 
 
 def test_initial_config_uses_host_defaults_and_preset(tmp_path):
