@@ -47,9 +47,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 LABELS = {"max_steps": "Max steps (0: use epochs)", "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha",
           "lora_dropout": "LoRA dropout", "overwrite": "Overwrite a LoRA of the same name"}
 PLOT_SIZE = (640, 240)
-PLOT_HEIGHT = 260  # px of the plot and gallery widgets: fixed so polling never moves the page
-GALLERY_HEIGHT = 300
+GALLERY_HEIGHT = 260  # px of the gallery grids: fixed so polling never moves the page
+PLOT_HEIGHT = GALLERY_HEIGHT + 40  # the image widget's height includes its label; the gallery's does not
 MAX_THUMBNAILS = 60
+CLEAN_HEADERS = ["file", "status", "kind", "reason"]
+CAPTION_HEADERS = ["filename", "caption"]
 
 
 # ---- config <-> UI values ------------------------------------------------------------------------------------------
@@ -153,8 +155,12 @@ def _thumbnail(path: Path, size: int = 192) -> Image.Image | None:
         return None
 
 
-def clean_dataset_ui(folder: str, output: str, min_size: float, dedup: str) -> tuple[str, list[list[str]], list, str]:
-    """Run the cleaner; returns (summary, [file, status, kind, reason] rows, dropped thumbnails, new image folder)."""
+def clean_dataset_ui(folder: str, output: str, min_size: float, dedup: str,
+                     overwrite: bool = False) -> tuple[str, list[list[str]], list, str]:
+    """Run the cleaner; returns (summary, [file, status, kind, reason] rows, dropped thumbnails, new image folder).
+
+    ``overwrite`` lets it replace what an earlier clean wrote to the output folder.
+    """
     from lora_trainer.data.clean import clean_dataset
 
     folder = (folder or "").strip()
@@ -162,7 +168,8 @@ def clean_dataset_ui(folder: str, output: str, min_size: float, dedup: str) -> t
         return "Set the image folder first.", [], [], folder
     output = (output or "").strip() or str(Path(folder).with_name(Path(folder).name + "_clean"))
     try:
-        report = clean_dataset(folder, output, min_size=int(min_size or 0), dedup=dedup or "phash")
+        report = clean_dataset(folder, output, min_size=int(min_size or 0), dedup=dedup or "phash",
+                               overwrite=bool(overwrite))
     except (UserError, OSError, ValueError) as err:
         return f"Clean failed: {err}", [], [], folder
     entries = sorted(report.entries, key=lambda e: (e.status != "dropped", e.file))
@@ -217,6 +224,13 @@ def load_caption_rows(folder: str) -> tuple[list[list[str]], str]:
     rows = [[name, captions.get(name, "")] for name in names]
     missing = sum(1 for _, caption in rows if not caption.strip())
     return rows, f"{len(rows)} image(s), {missing} without a caption."
+
+
+def as_frame(rows: list[list[Any]], headers: list[str]) -> Any:
+    """Rows as a pandas DataFrame (gradio's own dependency): an empty table keeps its column names in 3.41 and 4.x."""
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=headers) if rows else pd.DataFrame(columns=headers)
 
 
 def _table_rows(table: Any) -> list[list[Any]]:
@@ -489,10 +503,13 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                                               elem_id="lora_train_clean_min_size")
                         clean_dedup = gr.Dropdown(label="Duplicates", choices=list(DEDUP_CHOICES), value="phash",
                                                   elem_id="lora_train_clean_dedup")
-                    clean_button = gr.Button("Clean", elem_id="lora_train_clean_button")
+                    with gr.Row():
+                        clean_overwrite = gr.Checkbox(label="Replace an earlier clean in the output folder",
+                                                      value=False, elem_id="lora_train_clean_overwrite")
+                        clean_button = gr.Button("Clean", elem_id="lora_train_clean_button")
                     clean_summary = gr.Textbox(label="Result", lines=3, interactive=False,
                                                elem_id="lora_train_clean_summary")
-                    clean_table = gr.Dataframe(headers=["file", "status", "kind", "reason"], type="array",
+                    clean_table = gr.Dataframe(headers=CLEAN_HEADERS, type="array",
                                                datatype=["str", "str", "str", "str"], col_count=(4, "fixed"),
                                                interactive=False, wrap=True, elem_id="lora_train_clean_table")
                     clean_gallery = gr.Gallery(label="Dropped images", columns=6, height=GALLERY_HEIGHT,
@@ -514,7 +531,7 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                     load_caps = gr.Button("Load captions", elem_id="lora_train_load_captions")
                     save_caps = gr.Button("Save captions", variant="primary", elem_id="lora_train_save_captions")
                 caption_status = gr.Textbox(label="Captions", interactive=False, elem_id="lora_train_caption_status")
-                caption_table = gr.Dataframe(headers=["filename", "caption"], type="array", datatype=["str", "str"],
+                caption_table = gr.Dataframe(headers=CAPTION_HEADERS, type="array", datatype=["str", "str"],
                                              col_count=(2, "fixed"), interactive=True, wrap=True,
                                              elem_id="lora_train_caption_table")
             with gr.Tab("Train", elem_id="lora_train_train_tab"):
@@ -546,16 +563,28 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                 with gr.Row():
                     plot = gr.Image(value=render_loss_plot(job.all_losses()), label="Loss", type="pil",
                                     interactive=False, height=PLOT_HEIGHT, elem_id="lora_train_loss_plot")
-                    samples = gr.Gallery(label="Samples", columns=3, height=PLOT_HEIGHT, object_fit="contain",
+                    samples = gr.Gallery(label="Samples", columns=3, height=GALLERY_HEIGHT, object_fit="contain",
                                          elem_id="lora_train_samples", elem_classes=["lora_train_gallery"])
 
         inputs = [fields[name] for name in CONFIG_KEYS]
-        clean_button.click(clean_dataset_ui, inputs=[fields["train_data_dir"], clean_output, clean_min, clean_dedup],
+        def clean(*args: Any) -> tuple[Any, ...]:
+            summary, rows, thumbs, folder = clean_dataset_ui(*args)
+            return summary, as_frame(rows, CLEAN_HEADERS), thumbs, folder
+
+        def caption(*args: Any) -> tuple[str, Any]:
+            note, rows = caption_dataset_ui(host, *args)
+            return note, as_frame(rows, CAPTION_HEADERS)
+
+        def load_captions(folder: str) -> tuple[Any, str]:
+            rows, note = load_caption_rows(folder)
+            return as_frame(rows, CAPTION_HEADERS), note
+
+        clean_button.click(clean, inputs=[fields["train_data_dir"], clean_output, clean_min, clean_dedup,
+                                          clean_overwrite],
                            outputs=[clean_summary, clean_table, clean_gallery, fields["train_data_dir"]])
-        cap_button.click(functools.partial(caption_dataset_ui, host),
-                         inputs=[fields["train_data_dir"], cap_choice, cap_model, cap_trigger, cap_overwrite],
+        cap_button.click(caption, inputs=[fields["train_data_dir"], cap_choice, cap_model, cap_trigger, cap_overwrite],
                          outputs=[caption_status, caption_table])
-        load_caps.click(load_caption_rows, inputs=[fields["train_data_dir"]], outputs=[caption_table, caption_status])
+        load_caps.click(load_captions, inputs=[fields["train_data_dir"]], outputs=[caption_table, caption_status])
         save_caps.click(save_caption_rows, inputs=[fields["train_data_dir"], caption_table], outputs=[caption_status])
         preset_box.change(apply_preset, inputs=[preset_box, *inputs], outputs=inputs)
         yaml_in.upload(load_yaml_ui, inputs=[yaml_in, *inputs], outputs=[*inputs, settings_status])

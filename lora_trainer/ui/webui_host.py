@@ -58,6 +58,7 @@ def webui_sampler(prompts: list[str], *, seed: int, steps: int, width: int, heig
     clear_conditioning_cache()
     images = []
     for prompt in prompts:
+        shared.state.job_count = -1  # process_images counts this one image, not the training steps, as the job
         p = processing.StableDiffusionProcessingTxt2Img(
             sd_model=shared.sd_model, prompt=prompt, seed=seed, steps=steps, width=width, height=height,
             cfg_scale=7.0, sampler_name="Euler a", do_not_save_samples=True, do_not_save_grid=True)
@@ -66,6 +67,8 @@ def webui_sampler(prompts: list[str], *, seed: int, steps: int, width: int, heig
         finally:
             p.close()
             clear_conditioning_cache()
+            if hasattr(shared, "total_tqdm"):
+                shared.total_tqdm.clear()  # as txt2img does: the next preview starts its own console bar
     shared.state.job_count, shared.state.job_no = job_count, job_no  # process_images resets the job counters
     return images
 
@@ -83,7 +86,7 @@ class WebUIHost:
 
         opts = shared.opts
         return {
-            "output_dir": getattr(opts, "lora_train_output_dir", "") or str(Path("outputs") / "lora-train"),
+            "output_dir": getattr(opts, "lora_train_output_dir", "") or str(Path("outputs") / "lora_train"),
             "sample_every": int(getattr(opts, "lora_train_sample_every", 50) or 0),
             "preset": getattr(opts, "lora_train_default_preset", "") or "",
         }

@@ -158,6 +158,16 @@ def test_clean_reports_and_shows_dropped_images(tmp_path):
     assert len(thumbs) == 1 and thumbs[0][1].startswith("tiny.png")
     assert "1 file(s) dropped" in summary
     assert tab.clean_dataset_ui("", "", 64, "off")[0] == "Set the image folder first."
+    again = tab.clean_dataset_ui(str(folder), "", 64, "off")
+    assert again[0].startswith("Clean failed") and again[3] == str(folder)  # the folder field is left as it was
+    assert "1 file(s) dropped" in tab.clean_dataset_ui(str(folder), "", 64, "off", True)[0]
+
+
+def test_tables_keep_their_headers_when_empty():
+    pytest.importorskip("pandas")
+    assert list(tab.as_frame([], tab.CLEAN_HEADERS).columns) == tab.CLEAN_HEADERS
+    frame = tab.as_frame([["a.png", "a cat"]], tab.CAPTION_HEADERS)
+    assert frame.values.tolist() == [["a.png", "a cat"]] and tab._table_rows(frame) == [["a.png", "a cat"]]
 
 
 def test_loss_plot_and_status_html():

@@ -1,0 +1,134 @@
+"""WebUIHost against fake WebUI modules: lock, state/progress, interrupt, --lowvram, user LoRAs, previews, refresh."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_trainer.errors import UserError
+from lora_trainer.ui import webui_host
+
+
+class State:
+    def __init__(self) -> None:
+        self.job_count, self.job_no, self.textinfo, self.interrupted = 0, 0, None, False
+        self.images, self.begun, self.ended = [], [], 0
+
+    def begin(self, job: str = "") -> None:
+        self.begun.append(job)
+        self.interrupted = False
+
+    def end(self) -> None:
+        self.ended += 1
+
+    def assign_current_image(self, image) -> None:
+        self.images.append(image)
+
+
+class LoraLayer(torch.nn.Linear):
+    network_current_names = ("user_lora",)
+
+
+@pytest.fixture
+def webui(monkeypatch, tmp_path):
+    state = State()
+    model = torch.nn.Sequential(LoraLayer(2, 2), torch.nn.Linear(2, 2))
+    total_tqdm = types.SimpleNamespace(cleared=0)
+    total_tqdm.clear = lambda: setattr(total_tqdm, "cleared", total_tqdm.cleared + 1)
+    shared = types.SimpleNamespace(state=state, sd_model=model, total_tqdm=total_tqdm,
+                                   cmd_opts=types.SimpleNamespace(lora_dir=str(tmp_path / "Lora"), lowvram=False),
+                                   opts=types.SimpleNamespace(lora_train_output_dir="", lora_train_sample_every=25,
+                                                              lora_train_default_preset="Low VRAM"))
+    call_queue = types.SimpleNamespace(queue_lock=threading.Lock())
+    seen = {}
+
+    class Processing:
+        cached_c = cached_uc = ["stale", "stale"]
+
+    class Txt2Img(Processing):
+        def __init__(self, **kwargs) -> None:
+            self.kwargs = kwargs
+
+        def close(self) -> None:
+            pass
+
+    def process_images(p):
+        seen.setdefault("job_count", []).append(state.job_count)
+        seen.setdefault("cache", []).append(Txt2Img.cached_c)
+        state.job_count, state.job_no = 1, 1  # what the WebUI does to the counters
+        return types.SimpleNamespace(images=[Image.new("RGB", (8, 8))])
+
+    processing = types.SimpleNamespace(StableDiffusionProcessing=Processing,
+                                       StableDiffusionProcessingTxt2Img=Txt2Img, process_images=process_images)
+    applied = []
+    networks = types.SimpleNamespace(loaded_networks=["user_lora"], network_apply_weights=applied.append,
+                                     list_available_networks=lambda: seen.setdefault("refreshed", True))
+    modules = types.SimpleNamespace(shared=shared, call_queue=call_queue, processing=processing)
+    for name, module in (("modules", modules), ("modules.shared", shared), ("modules.call_queue", call_queue),
+                         ("modules.processing", processing), ("networks", networks)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return types.SimpleNamespace(state=state, shared=shared, lock=call_queue.queue_lock, seen=seen,
+                                 networks=networks, applied=applied, model=model, Txt2Img=Txt2Img)
+
+
+def test_lora_dir_and_defaults_from_the_settings(webui, tmp_path):
+    host = webui_host.WebUIHost()
+    assert host.lora_dir() == tmp_path / "Lora"
+    assert host.defaults() == {"output_dir": str(Path("outputs") / "lora_train"), "sample_every": 25,
+                               "preset": "Low VRAM"}
+
+
+def test_lowvram_is_refused_with_the_reason(webui):
+    webui.shared.cmd_opts.lowvram = True
+    with pytest.raises(UserError, match="--lowvram"):
+        webui_host.WebUIHost().get_backbone()
+    webui.shared.cmd_opts.lowvram = False
+    webui.shared.sd_model = None
+    with pytest.raises(UserError, match="no checkpoint is loaded"):
+        webui_host.WebUIHost().get_backbone()
+
+
+def test_user_loras_are_taken_out_of_the_weights(webui):
+    assert webui_host.unapply_user_loras() == 1
+    assert webui.networks.loaded_networks == [] and webui.applied == [webui.model[0]]
+
+
+def test_run_holds_the_gpu_lock_and_the_webui_job(webui):
+    webui.state.interrupted = True  # a stale Interrupt from an earlier txt2img must not stop the new run
+    host = webui_host.WebUIHost()
+    assert host.run_exclusive(lambda: (webui.lock.locked(), host.interrupted())) == (True, False)
+    assert not webui.lock.locked() and webui.state.begun == ["lora_train"] and webui.state.ended == 1
+    webui.state.interrupted = True
+    assert host.interrupted()
+
+
+def test_progress_feeds_the_webui_state(webui, tmp_path):
+    sample = tmp_path / "s.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(sample)
+    host = webui_host.WebUIHost()
+    snap = {"step": 3, "total_steps": 10, "loss": 0.25, "sample_paths": [str(sample)]}
+    host.progress(snap)
+    host.progress(snap)
+    state = webui.state
+    assert (state.job_count, state.job_no) == (10, 3) and "3/10" in state.textinfo and "0.2500" in state.textinfo
+    assert len(state.images) == 1  # the same preview is shown once
+
+
+def test_previews_count_as_one_image_and_restore_the_counters(webui):
+    webui.state.job_count, webui.state.job_no = 100, 40
+    images = webui_host.webui_sampler(["a", "b"], seed=1, steps=4, width=64, height=64)
+    assert len(images) == 2 and webui.seen["job_count"] == [-1, -1]
+    assert webui.seen["cache"] == [[None, None], [None, None]]  # no conditioning from before the LoRA changed
+    assert (webui.state.job_count, webui.state.job_no) == (100, 40)
+    assert webui.shared.total_tqdm.cleared == 2
+
+
+def test_refresh_lists_new_loras(webui):
+    webui_host.WebUIHost().refresh_loras()
+    assert webui.seen["refreshed"]
