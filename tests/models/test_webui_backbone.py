@@ -406,18 +406,24 @@ def test_inpainting_models_are_refused_clearly(ldm_model):
         WebUIBackbone(ldm_model)
 
 
-def test_sd2_openclip_text_encoder_lora_trains_and_is_released(ldm_model, _tiny_components):
-    """SD2's OpenCLIP attention is split for the run (kohya names), gets gradients, and is given back."""
+@pytest.fixture
+def sd2_model(ldm_model, _tiny_components):
+    """The tiny LDM model with an OpenCLIP text stage, flagged SD2 the way the WebUI does."""
     torch.manual_seed(0)
     ldm_model.cond_stage_model = TinyOpenCLIPEmbedder(_tiny_components["tokenizer"]).requires_grad_(False)
     ldm_model.is_sd2 = True
-    resblock = ldm_model.cond_stage_model.model.transformer.resblocks[0]
+    return ldm_model
+
+
+def test_sd2_openclip_text_encoder_lora_trains_and_is_released(sd2_model):
+    """SD2's OpenCLIP attention is split for the run (kohya names), gets gradients, and is given back."""
+    resblock = sd2_model.cond_stage_model.model.transformer.resblocks[0]
     attn, mlp = resblock.attn, resblock.mlp
-    before_hash, before = model_weights_hash(ldm_model), snapshot_model_state(ldm_model)
-    backbone = WebUIBackbone(ldm_model, openclip_text_encoder=True)
+    before_hash, before = model_weights_hash(sd2_model), snapshot_model_state(sd2_model)
+    backbone = WebUIBackbone(sd2_model, openclip_text_encoder=True)
     roots = backbone.lora_roots(True)
     assert backbone.lora_roots(True)["lora_te"] is roots["lora_te"]  # one split per run
-    ldm_model.requires_grad_(False)
+    sd2_model.requires_grad_(False)
     params = inject_lora(roots, rank=4, alpha=4, dropout=0.0, unet_targets=["to_q", "to_k", "to_v", "to_out.0"],
                          te_targets=TE_TARGETS)
     cond = backbone.encode_prompts(["a red circle", "sks"])
@@ -430,10 +436,10 @@ def test_sd2_openclip_text_encoder_lora_trains_and_is_released(ldm_model, _tiny_
         assert f"lora_te_text_model_encoder_layers_1_{part}.lora_down.weight" in keys
     remove_lora(roots)
     backbone.release_lora_roots()
-    restore_model_state(ldm_model, before)
+    restore_model_state(sd2_model, before)
     assert resblock.attn is attn and resblock.mlp is mlp
-    assert model_weights_hash(ldm_model) == before_hash
-    assert snapshot_model_state(ldm_model).requires_grad == before.requires_grad
+    assert model_weights_hash(sd2_model) == before_hash
+    assert snapshot_model_state(sd2_model).requires_grad == before.requires_grad
 
 
 def test_sdxl_text_encoder_lora_gets_gradients_through_the_conditioner(sdxl_model):
@@ -454,19 +460,16 @@ def test_sdxl_text_encoder_lora_gets_gradients_through_the_conditioner(sdxl_mode
     backbone.release_lora_roots()
 
 
-def test_trainer_on_sd2_with_text_encoder_gives_the_split_back(ldm_model, _tiny_components, shapes_dataset, tmp_path):
+def test_trainer_on_sd2_with_text_encoder_gives_the_split_back(sd2_model, shapes_dataset, tmp_path):
     """The trainer itself releases the OpenCLIP split: the live SD2 model ends exactly as it started."""
-    torch.manual_seed(0)
-    ldm_model.cond_stage_model = TinyOpenCLIPEmbedder(_tiny_components["tokenizer"]).requires_grad_(False)
-    ldm_model.is_sd2 = True
-    resblock = ldm_model.cond_stage_model.model.transformer.resblocks[0]
+    resblock = sd2_model.cond_stage_model.model.transformer.resblocks[0]
     attn, mlp = resblock.attn, resblock.mlp
-    before_hash, before = model_weights_hash(ldm_model), snapshot_model_state(ldm_model)
+    before_hash, before = model_weights_hash(sd2_model), snapshot_model_state(sd2_model)
     result = Trainer(make_config(shapes_dataset, tmp_path / "out", train_text_encoder=True),
-                     WebUIBackbone(ldm_model, openclip_text_encoder=True)).run()
+                     WebUIBackbone(sd2_model, openclip_text_encoder=True)).run()
     assert result.lora_path is not None
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in load_file(str(result.lora_path))
     assert resblock.attn is attn and resblock.mlp is mlp
-    assert model_weights_hash(ldm_model) == before_hash
-    after = snapshot_model_state(ldm_model)
+    assert model_weights_hash(sd2_model) == before_hash
+    after = snapshot_model_state(sd2_model)
     assert after.module_types == before.module_types and after.requires_grad == before.requires_grad
