@@ -49,6 +49,7 @@ CLIP_MODEL_ENV = "LORA_TRAINER_CLIP_MODEL"
 DEFAULT_CLIP_DIR = Path("models") / "clip"
 CROP_FRACTIONS = (0.93, 0.86)  # central crops hashed besides the whole image (see _fingerprint)
 COLOUR_TOLERANCE = 24.0  # mean absolute difference (0..255) of 4x4 RGB thumbnails allowed for a phash match
+CELL_COLOUR_TOLERANCE = 64  # and the largest channel difference in any one of the 16 thumbnail cells
 _COPYABLE_FORMATS = {"PNG", "JPEG", "WEBP"}
 
 Progress = Callable[[str, int, int], None]
@@ -334,8 +335,13 @@ def _greedy_groups(order: list[int], pairs: Iterator[tuple[int, int, float]]) ->
 
 
 def _same_colours(first: _Probe, second: _Probe) -> bool:
-    """phash ignores colour (and flat images all hash alike): also require similar 4x4 colour thumbnails."""
-    return float(np.abs(first.thumb - second.thumb).mean()) <= COLOUR_TOLERANCE
+    """phash ignores colour (and flat images all hash alike): also require similar 4x4 colour thumbnails.
+
+    Similar on average and in every cell: a shape recoloured on a plain background (a red circle and a
+    yellow one) changes one channel of a few cells a lot and the average little.
+    """
+    difference = np.abs(first.thumb - second.thumb)
+    return float(difference.mean()) <= COLOUR_TOLERANCE and int(difference.max()) <= CELL_COLOUR_TOLERANCE
 
 
 # ---- CLIP --------------------------------------------------------------------------------------------------

@@ -194,6 +194,22 @@ def test_colour_guard_separates_flat_images_phash_confuses():
     assert imagehash.phash(red) - imagehash.phash(blue) == 0  # why the thumbnail check exists
 
 
+def test_recoloured_shape_on_a_plain_background_is_not_a_duplicate(tmp_path):
+    """Red and yellow circles differ in one channel of a few thumbnail cells: phash and the mean agree, cells do not."""
+    source = tmp_path / "in"
+    source.mkdir()
+    for name, fill in (("red.png", (220, 40, 40)), ("yellow.png", (235, 210, 40))):
+        image = Image.new("RGB", (64, 64), (235, 235, 225))
+        ImageDraw.Draw(image).ellipse([12, 12, 52, 52], fill=fill)
+        image.save(source / name)
+    (source / "red_copy.png").write_bytes((source / "red.png").read_bytes())
+
+    report = entries(clean_dataset(source, tmp_path / "out", min_size=32))
+
+    assert report["red.png"].status == "kept" and report["yellow.png"].status == "kept"
+    assert report["red_copy.png"].kind == "exact_duplicate" and report["red_copy.png"].duplicate_of == "red.png"
+
+
 def test_phash_int_equals_imagehash():
     import imagehash
 
