@@ -33,7 +33,7 @@ def model_weights_hash(module: nn.Module) -> str:
 class ModelState:
     """What training may change on a live model, captured to be put back exactly."""
 
-    requires_grad: dict[int, bool] = field(default_factory=dict)
+    requires_grad: dict[str, bool] = field(default_factory=dict)  # by name: a host may swap parameter objects
     training: dict[int, bool] = field(default_factory=dict)
     checkpoint_flags: dict[int, tuple[str, Any]] = field(default_factory=dict)
     module_types: list[tuple[str, type]] = field(default_factory=list)
@@ -42,8 +42,8 @@ class ModelState:
 
 def snapshot_model_state(model: nn.Module) -> ModelState:
     state = ModelState()
-    for p in model.parameters():
-        state.requires_grad[id(p)] = p.requires_grad
+    for name, p in model.named_parameters():
+        state.requires_grad[name] = p.requires_grad
     for name, module in model.named_modules():
         state.training[id(module)] = module.training
         state.module_types.append((name, type(module)))
@@ -55,10 +55,21 @@ def snapshot_model_state(model: nn.Module) -> ModelState:
     return state
 
 
+def _set_requires_grad(p: torch.Tensor, value: bool) -> None:
+    """``requires_grad_`` that also works on inference tensors (Forge loads weights in inference mode)."""
+    if p.is_inference():
+        with torch.inference_mode():
+            p.requires_grad_(value)
+    else:
+        p.requires_grad_(value)
+
+
 def restore_model_state(model: nn.Module, state: ModelState) -> None:
     """Put requires_grad, train/eval and checkpointing flags back; fail loudly if modules were left behind."""
-    for p in model.parameters():
-        p.requires_grad_(state.requires_grad.get(id(p), p.requires_grad))
+    for name, p in model.named_parameters():
+        wanted = state.requires_grad.get(name, p.requires_grad)
+        if p.requires_grad != wanted:
+            _set_requires_grad(p, wanted)
     for module in model.modules():
         if id(module) in state.training:
             module.training = state.training[id(module)]

@@ -13,7 +13,6 @@ concatenated; :func:`pack_sdxl_conditioning`), so the trainer can cache and batc
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 from lora_trainer.errors import UserError
 from lora_trainer.host.openclip import OpenClipSplit
 from lora_trainer.models.backbone import Backbone
+from lora_trainer.models.ldm_blocks import ddim_preview, images_from_decoded, set_block_checkpointing
 
 Sampler = Callable[..., list[Any]]
 TOKENS = 77  # one CLIP chunk: BOS + 75 tokens + EOS
@@ -85,12 +85,6 @@ def _sdxl_dims(unet: nn.Module) -> tuple[int, int]:
 
 def _text_embedder(embedder: nn.Module) -> nn.Module:
     return getattr(embedder, "wrapped", embedder)
-
-
-def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    if not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _parameterization(model: Any) -> str:
@@ -238,57 +232,15 @@ class WebUIBackbone(Backbone):
         return [self.model]
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Non-reentrant torch checkpointing on every ldm block that has a checkpoint switch.
-
-        ldm's own switch uses a custom autograd function that differentiates every parameter of the block,
-        which fails once base weights are frozen; so the switch stays as it is and the block's ``forward`` is
-        overridden on the instance (undone by deleting the attribute).
-        """
-        for name, module in self.model.model.diffusion_model.named_modules():
-            if not name:
-                continue  # the UNet's own flag: checkpointing its whole forward would only add recomputation
-            has_switch = any(isinstance(getattr(module, f, None), bool) for f in ("checkpoint", "use_checkpoint"))
-            if not has_switch:
-                continue
-            if enabled and "forward" not in vars(module):
-                module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))
-            elif not enabled and isinstance(vars(module).get("forward"), functools.partial):
-                del module.forward
+        set_block_checkpointing(self.model.model.diffusion_model, enabled)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        from PIL import Image
-
-        images = self.model.decode_first_stage(latents.to(self.dtype)).float().clamp(-1, 1)
-        arrays = ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arrays]
+        return images_from_decoded(self.model.decode_first_stage(latents.to(self.dtype)))
 
     def sample(self, prompts: list[str], *, seed: int, steps: int, width: int, height: int) -> list[Any]:
         if self._sampler is not None:
             return self._sampler(prompts, seed=seed, steps=steps, width=width, height=height)
-        return [self._ddim(prompt, seed, steps, width, height) for prompt in prompts]
-
-    @torch.no_grad()
-    def _ddim(self, prompt: str, seed: int, steps: int, width: int, height: int, guidance: float = 7.0) -> Any:
-        """A deterministic DDIM (eta 0) preview with classifier-free guidance."""
-        alphas = self.alphas_cumprod
-        gen = torch.Generator().manual_seed(seed)
         channels = getattr(self.model, "channels", 4)
-        x = torch.randn((1, channels, height // 8, width // 8), generator=gen).to(self.device)
-        cond, uncond = self.encode_prompts([prompt]), self.encode_prompts([""])
-        times = torch.linspace(len(alphas) - 1, 0, steps).round().long().tolist()
-        for index, t in enumerate(times):
-            t_batch = torch.full((1,), t, device=self.device, dtype=torch.long)
-            out_c = self.predict(x, t_batch, cond).float()
-            out_u = self.predict(x, t_batch, uncond).float()
-            out = out_u + guidance * (out_c - out_u)
-            a_t = alphas[t].to(self.device)
-            if self.prediction_type == "v_prediction":
-                x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
-                eps = (1 - a_t).sqrt() * x + a_t.sqrt() * out
-            else:
-                eps = out
-                x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            a_prev = alphas[times[index + 1]].to(self.device) if index + 1 < len(times) else torch.tensor(1.0)
-            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        return self.decode_latents(x)[0]
+        return [ddim_preview(self, prompt, seed=seed, steps=steps, width=width, height=height, channels=channels)
+                for prompt in prompts]

@@ -47,7 +47,50 @@ def clear_conditioning_cache() -> None:
     for cls in (processing.StableDiffusionProcessing, processing.StableDiffusionProcessingTxt2Img):
         for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
             if name in vars(cls):
-                setattr(cls, name, [None, None])
+                setattr(cls, name, [None] * len(vars(cls)[name]))  # A1111 keeps two slots, Forge three
+
+
+def unapply_forge_loras(engine: Any) -> None:
+    """Forge: back to the LoRA-free model objects, with the weights the last txt2img merged LoRAs into restored.
+
+    Forge merges LoRAs into the weights when a patched UNet / text encoder is loaded and keeps the originals
+    in its LoRA loader; refreshing the LoRA-free patchers puts those originals back. ``current_lora_hash`` is
+    reset so that the next txt2img applies whatever LoRAs its prompt names (including the new one) afresh.
+    """
+    original = engine.forge_objects_original
+    engine.forge_objects = original.shallow_copy()
+    engine.forge_objects_after_applying_lora = original.shallow_copy()
+    engine.current_lora_hash = str([])
+    original.unet.refresh_loras()
+    original.clip.patcher.refresh_loras()
+
+
+def forge_backbone():
+    """Forge's selected checkpoint (loaded if it is not yet), LoRA-free, UNet and text encoder on the GPU."""
+    from backend import memory_management
+    from modules import sd_models
+
+    from lora_trainer.models.forge import ForgeBackbone
+
+    engine, _ = sd_models.forge_model_reload()
+    if engine is None:
+        raise UserError("no checkpoint is loaded; pick one in the checkpoint menu at the top first")
+    unapply_forge_loras(engine)
+    objects = engine.forge_objects
+    patchers = [objects.unet, objects.clip.patcher]
+    memory_management.load_models_gpu(patchers)
+    return ForgeBackbone(engine, sampler=forge_sampler, load_models=lambda: memory_management.load_models_gpu(
+        patchers))
+
+
+def forge_sampler(prompts: list[str], **kwargs: Any) -> list[Any] | None:
+    """Forge's txt2img for previews, unless another checkpoint was picked since (it would load it): then None."""
+    from modules import sd_models
+
+    data = sd_models.model_data
+    if str(data.forge_loading_parameters) != data.forge_hash:
+        return None
+    return webui_sampler(prompts, **kwargs)
 
 
 def webui_sampler(prompts: list[str], *, seed: int, steps: int, width: int, height: int) -> list[Any]:
@@ -71,6 +114,15 @@ def webui_sampler(prompts: list[str], *, seed: int, steps: int, width: int, heig
                 shared.total_tqdm.clear()  # as txt2img does: the next preview starts its own console bar
     shared.state.job_count, shared.state.job_no = job_count, job_no  # process_images resets the job counters
     return images
+
+
+def is_forge() -> bool:
+    """True inside Stable Diffusion WebUI Forge (its ``sd_models.forge_model_reload``)."""
+    try:
+        from modules import sd_models
+    except ImportError:
+        return False
+    return hasattr(sd_models, "forge_model_reload")
 
 
 class WebUIHost:
@@ -97,6 +149,8 @@ class WebUIHost:
 
         from lora_trainer.models.webui import WebUIBackbone
 
+        if is_forge():
+            return forge_backbone()
         if getattr(shared.cmd_opts, "lowvram", False):
             raise UserError(LOWVRAM_REASON)
         model = shared.sd_model
@@ -140,10 +194,14 @@ class WebUIHost:
         return bool(shared.state.interrupted)
 
     def refresh_loras(self) -> None:
+        """List the new LoRA; Forge also forgets LoRA files it read, in case this one replaced an older file."""
         try:
             import networks
         except ImportError:
             return
+        cached = getattr(networks, "load_lora_state_dict", None)
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
         networks.list_available_networks()
 
     def captioners(self) -> list[str]:

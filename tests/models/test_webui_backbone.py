@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 from lora_trainer.config import config_from_dict
 from lora_trainer.lora.inject import inject_lora, load_lora_state_dict, remove_lora
 from lora_trainer.lora.kohya import from_kohya_state_dict, to_kohya_state_dict
-from lora_trainer.models.ldm_checkpoint import diffusers_to_ldm_state_dict
 from lora_trainer.models.state import model_weights_hash, restore_model_state, snapshot_model_state
 from lora_trainer.models.webui import (
     UnsupportedModel,
@@ -37,31 +36,6 @@ from lora_trainer.models.webui import (
     unpack_sdxl_conditioning,
 )
 from lora_trainer.train.trainer import TE_TARGETS, Trainer
-
-
-def _stub_training_imports(monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        import pytorch_lightning  # noqa: F401
-    except ImportError:
-        pl = types.ModuleType("pytorch_lightning")
-        pl.LightningModule = torch.nn.Module
-        rank_zero = types.ModuleType("pytorch_lightning.utilities.distributed")
-        rank_zero.rank_zero_only = lambda fn: fn
-        utilities = types.ModuleType("pytorch_lightning.utilities")
-        utilities.distributed = rank_zero
-        pl.utilities = utilities
-        for name, module in (("pytorch_lightning", pl), ("pytorch_lightning.utilities", utilities),
-                             ("pytorch_lightning.utilities.distributed", rank_zero)):
-            monkeypatch.setitem(sys.modules, name, module)
-    try:
-        import torchvision.utils  # noqa: F401
-    except (ImportError, RuntimeError):
-        tv = types.ModuleType("torchvision")
-        tv_utils = types.ModuleType("torchvision.utils")
-        tv_utils.make_grid = lambda *a, **k: None
-        tv.utils = tv_utils
-        monkeypatch.setitem(sys.modules, "torchvision", tv)
-        monkeypatch.setitem(sys.modules, "torchvision.utils", tv_utils)
 
 
 def _stub_module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs) -> types.ModuleType:
@@ -78,7 +52,6 @@ def _import_sgm(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.syspath_prepend(os.environ["LORA_TRAINER_SGM_PATH"])
     if importlib.util.find_spec("sgm") is None:
         pytest.skip("needs sgm (set LORA_TRAINER_SGM_PATH to a Stability-AI/generative-models checkout)")
-    _stub_training_imports(monkeypatch)
     try:
         import torchvision.models  # noqa: F401
     except (ImportError, RuntimeError):
@@ -100,7 +73,7 @@ def _target(target: str, **params) -> dict:
 
 
 @pytest.fixture
-def sdxl_model(monkeypatch, tiny_checkpoint):
+def sdxl_model(monkeypatch, ldm_stubs, tiny_checkpoint):
     """A tiny SDXL-layout sgm DiffusionEngine: CLIP text context + pooled and size ids in ``vector``."""
     diffusion = _import_sgm(monkeypatch)
     clip_dir = tiny_checkpoint.with_name(f"{tiny_checkpoint.stem}-clip")
@@ -177,47 +150,6 @@ class TinyOpenCLIPEmbedder(torch.nn.Module):
         for block in self.model.transformer.resblocks:
             x = block(x, attn_mask=mask)
         return self.model.ln_final(x.transpose(0, 1))
-
-
-class TinyCLIPEmbedder(torch.nn.Module):
-    """The shape of ldm's FrozenCLIPEmbedder: ``.transformer`` (a CLIPTextModel) and ``encode(texts)``."""
-
-    def __init__(self, text_encoder: torch.nn.Module, tokenizer) -> None:
-        super().__init__()
-        self.transformer, self.tokenizer = text_encoder, tokenizer
-
-    def forward(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        return self.transformer(ids.input_ids.to(next(self.parameters()).device))[0]
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        return self(texts)
-
-
-@pytest.fixture
-def ldm_model(monkeypatch, _tiny_components):
-    """A tiny SD1-layout LatentDiffusion in eval mode, frozen the way the WebUI leaves it (UNet trainable)."""
-    _stub_training_imports(monkeypatch)
-    ddpm = pytest.importorskip("ldm.models.diffusion.ddpm", reason="needs stable-diffusion-sdkit (ldm)")
-    from lora_trainer.models.tiny import tiny_ldm_config
-
-    params = copy.deepcopy(tiny_ldm_config("/unused")["model"]["params"])
-    params["unet_config"]["params"]["use_checkpoint"] = False  # what the WebUI's repair_config does
-    params["cond_stage_config"] = "__is_unconditional__"
-    params.pop("use_ema", None)
-    torch.manual_seed(0)
-    model = ddpm.LatentDiffusion(**params, use_ema=False)
-    model.cond_stage_model = TinyCLIPEmbedder(copy.deepcopy(_tiny_components["text_encoder"]),
-                                              _tiny_components["tokenizer"])
-    model.cond_stage_model.requires_grad_(False)
-    model.model.conditioning_key = "crossattn"  # "__is_unconditional__" cleared it; the text stage is set above
-    # ldm zero-initialises output layers: load the tiny random weights (in the LDM layout) so outputs are real
-    c = _tiny_components
-    state = diffusers_to_ldm_state_dict(c["unet"], c["vae"], c["text_encoder"])
-    parts = {k: v for k, v in state.items() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
-    missing, unexpected = model.load_state_dict(parts, strict=False)
-    assert not unexpected and not [k for k in missing if k.startswith(("model.", "first_stage_model."))]
-    return model.eval()
 
 
 def make_config(data, out, **overrides):

@@ -132,3 +132,73 @@ def test_previews_count_as_one_image_and_restore_the_counters(webui):
 def test_refresh_lists_new_loras(webui):
     webui_host.WebUIHost().refresh_loras()
     assert webui.seen["refreshed"]
+
+
+class Patcher:
+    def __init__(self) -> None:
+        self.refreshed = 0
+
+    def refresh_loras(self) -> None:
+        self.refreshed += 1
+
+
+class ForgeObjects(types.SimpleNamespace):
+    def shallow_copy(self) -> ForgeObjects:
+        return ForgeObjects(**vars(self))
+
+
+@pytest.fixture
+def forge(webui, monkeypatch):
+    """The WebUI fixture turned into Forge: sd_models.forge_model_reload, backend.memory_management, a LoRA'd engine."""
+    original = ForgeObjects(unet=Patcher(), clip=types.SimpleNamespace(patcher=Patcher()), vae=None)
+    with_lora = ForgeObjects(unet=Patcher(), clip=types.SimpleNamespace(patcher=Patcher()), vae=None)
+    engine = types.SimpleNamespace(forge_objects=with_lora.shallow_copy(), forge_objects_original=original,
+                                   forge_objects_after_applying_lora=with_lora, current_lora_hash="[['a', 1, 1]]")
+    data = types.SimpleNamespace(forge_loading_parameters={"checkpoint": "a"}, forge_hash=str({"checkpoint": "a"}))
+    sd_models = types.SimpleNamespace(forge_model_reload=lambda: (engine, False), model_data=data)
+    loaded = []
+    memory_management = types.SimpleNamespace(load_models_gpu=loaded.append)
+    backend = types.SimpleNamespace(memory_management=memory_management)
+    sys.modules["modules"].sd_models = sd_models
+    for name, module in (("modules.sd_models", sd_models), ("backend", backend),
+                         ("backend.memory_management", memory_management)):
+        monkeypatch.setitem(sys.modules, name, module)
+    made = {}
+    monkeypatch.setattr("lora_trainer.models.forge.ForgeBackbone",
+                        lambda model, **kwargs: made.update(model=model, **kwargs) or "backbone")
+    return types.SimpleNamespace(engine=engine, original=original, loaded=loaded, made=made, data=data)
+
+
+def test_forge_backbone_is_the_lora_free_engine_loaded_on_the_gpu(forge):
+    assert webui_host.is_forge()
+    assert webui_host.WebUIHost().get_backbone() == "backbone"
+    engine, original = forge.engine, forge.original
+    assert forge.made["model"] is engine and engine.current_lora_hash == "[]"
+    assert engine.forge_objects.unet is original.unet and engine.forge_objects_after_applying_lora.unet is original.unet
+    assert original.unet.refreshed == 1 and original.clip.patcher.refreshed == 1  # merged LoRA weights restored
+    assert forge.loaded == [[original.unet, original.clip.patcher]]
+    forge.made["load_models"]()
+    assert len(forge.loaded) == 2
+
+
+def test_forge_previews_decline_when_another_checkpoint_was_picked(forge, webui):
+    assert len(webui_host.forge_sampler(["a"], seed=1, steps=2, width=64, height=64)) == 1
+    forge.data.forge_loading_parameters = {"checkpoint": "b"}  # picked in the UI: txt2img would load it now
+    assert webui_host.forge_sampler(["a"], seed=1, steps=2, width=64, height=64) is None
+
+
+def test_forge_keeps_its_three_conditioning_cache_slots(webui):
+    webui.Txt2Img.cached_c = ["stale", "stale", "stale"]
+    webui_host.clear_conditioning_cache()
+    assert webui.Txt2Img.cached_c == [None, None, None]
+
+
+def test_refresh_forgets_lora_files_forge_has_read(webui):
+    cleared = []
+    webui.networks.load_lora_state_dict = types.SimpleNamespace(cache_clear=lambda: cleared.append(True))
+    webui_host.WebUIHost().refresh_loras()
+    assert cleared == [True] and webui.seen["refreshed"]
+
+
+def test_a1111_is_not_taken_for_forge(webui):
+    assert not webui_host.is_forge()
