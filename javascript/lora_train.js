@@ -13,18 +13,23 @@
         return box ? box.getAttribute("data-status") : null;
     }
 
-    function refresh() {
-        var button = root().querySelector("#lora_train_refresh");
+    function click(id) {
+        var button = root().querySelector("#" + id);
         if (button) {
             button.click();
         }
     }
 
+    function refresh() {
+        click("lora_train_refresh");
+    }
+
     var primed = false;
     function tick() {
         if (!primed && root().querySelector("#lora_train_refresh")) {
-            primed = true; // show a job that was already running when the page was opened
+            primed = true; // show a job that was already running when the page was opened, with its settings
             refresh();
+            click("lora_train_show_running");
         } else if (status() === "running") {
             refresh();
         }

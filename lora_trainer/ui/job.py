@@ -91,6 +91,7 @@ class TrainingJob:
         self.checkpoint: str | None = None
         self.model_version: str | None = None
         self.output_name: str | None = None
+        self.config: TrainConfig | None = None  # the settings of this run, to show on a page opened mid-run
         self.started_at: float | None = None
         self.finished_at: float | None = None
 
@@ -204,6 +205,7 @@ class TrainingJob:
             if self.status == "running":
                 raise JobBusyError("a training run is already in progress; interrupt it or wait for it to finish")
             self._reset("running")
+            self.config = cfg
             self.output_name = cfg.output_name
             self.total_steps = cfg.max_steps or 0
             self.started_at = time.time()

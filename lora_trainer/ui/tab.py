@@ -436,6 +436,12 @@ def poll_ui(job: TrainingJob) -> tuple[str, Image.Image, list]:
     return status_html(snap), render_loss_plot(job.all_losses()), _sample_images(tuple(paths))
 
 
+def running_form_ui(job: TrainingJob, *values: Any) -> list[Any]:
+    """The running job's settings, for a page opened mid-run (its form would show the defaults); else ``values``."""
+    cfg = job.config
+    return config_to_values(cfg) if job.running and cfg is not None else list(values)
+
+
 def start_training_ui(host: Host, job: TrainingJob, *values: Any) -> str:
     """Validate the settings and start the job in the background; returns the status HTML."""
     try:
@@ -559,6 +565,8 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                     start_button = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
                     stop_button = gr.Button("Interrupt", elem_id="lora_train_interrupt")
                     refresh = gr.Button("Refresh", visible=False, elem_id="lora_train_refresh")
+                    show_running = gr.Button("Show the running job's settings", visible=False,
+                                             elem_id="lora_train_show_running")
                 status = gr.HTML(status_html(job.snapshot()), elem_id="lora_train_status")
                 with gr.Row():
                     plot = gr.Image(value=render_loss_plot(job.all_losses()), label="Loss", type="pil",
@@ -597,6 +605,8 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         stop_button.click(functools.partial(interrupt_ui, job), outputs=[status])
         poll = functools.partial(poll_ui, job)
         refresh.click(poll, outputs=[status, plot, samples], show_progress="hidden")
+        show_running.click(functools.partial(running_form_ui, job), inputs=inputs, outputs=inputs,
+                           show_progress="hidden")
         if poll_every:
             blocks.load(poll, outputs=[status, plot, samples], every=poll_every)
     return blocks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -199,6 +200,25 @@ def test_start_poll_and_install(make_tiny_backbone, shapes_dataset, tmp_path):
     assert meta["sd version"] == "SD1" and meta["activation text"] == "zkx"
     assert host.locked == 1 and host.refreshed == 1 and host.progress_calls >= 2
     assert "Nothing is running" in tab.interrupt_ui(job)
+
+
+def test_a_page_opened_mid_run_shows_the_running_settings(make_tiny_backbone, shapes_dataset, tmp_path):
+    gate = threading.Event()
+    host = FakeHost(tmp_path / "Lora", lambda: gate.wait(60) and make_tiny_backbone())
+    job = TrainingJob()
+    running = ui_values(train_data_dir=str(shapes_dataset), output_dir=str(tmp_path / "out"), output_name="mid run",
+                        resolution=64, batch_size=4, max_steps=1, lora_rank=4, device="cpu")
+    defaults = ui_values()
+    assert tab.running_form_ui(job, *defaults) == defaults  # nothing running: the form stays as it is
+    assert "Started." in tab.start_training_ui(host, job, *running)
+    try:
+        shown = tab.running_form_ui(job, *defaults)
+        assert shown[tab.CONFIG_KEYS.index("output_name")] == "mid run"
+        assert shown[tab.CONFIG_KEYS.index("lora_rank")] == running[tab.CONFIG_KEYS.index("lora_rank")]
+        assert tab.values_to_config(shown).max_steps == 1
+    finally:
+        gate.set()
+    assert job.wait(120) and tab.running_form_ui(job, *defaults) == defaults
 
 
 def test_start_refuses_bad_settings(tmp_path):
