@@ -20,11 +20,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the result the usual permissions
     try:
         write(tmp)
+        _give_usual_permissions(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         if not overwrite and path.exists():
@@ -39,3 +37,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
 def atomic_write_text(path: str | Path, text: str, *, overwrite: bool = True) -> Path:
     """Write a UTF-8 text file atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
+
+
+def _give_usual_permissions(path: Path) -> None:
+    """mkstemp (and some writers, such as safetensors 0.8) make 0600 files; use what ``open`` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

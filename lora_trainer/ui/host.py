@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -26,6 +27,9 @@ class Host(Protocol):
 
     def get_backbone(self) -> Any:
         """The model to train on (the loaded checkpoint), or None to load ``cfg.base_model``."""
+
+    def base_model_path(self) -> str | None:
+        """The file of the model :meth:`get_backbone` gives (recorded in the LoRA), or None when unknown."""
 
     def run_exclusive(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` holding the host's GPU lock."""
@@ -60,6 +64,9 @@ class BaseHost:
         return dict(self._defaults)
 
     def get_backbone(self) -> Any:
+        return None
+
+    def base_model_path(self) -> str | None:
         return None
 
     def run_exclusive(self, fn: Callable[[], T]) -> T:
@@ -100,15 +107,20 @@ class StandaloneHost(BaseHost):
 
         return load_backbone(self.base_model, device=resolve_device(self.device), dtype=torch.float32)
 
+    def base_model_path(self) -> str | None:
+        return str(self.base_model) if self.base_model else None
+
 
 def install_result(host: Host, cfg: TrainConfig, result: Any, backbone: Any) -> str | None:
     """Copy a finished run's LoRA into the host's Lora folder (with preview and sidecar) and refresh the list."""
     if result.lora_path is None:
         return None
     preview = result.sample_paths[-1] if result.sample_paths else None
+    base = f" on {Path(cfg.base_model).name}" if cfg.base_model else ""
+    notes = f"Trained with lora-trainer{base}: {result.steps_done} steps, rank {cfg.lora_rank}."
     installed = register_lora(result.lora_path, host.lora_dir(), cfg.output_name, trigger_word=cfg.trigger_word,
                               sd_version=getattr(backbone, "model_version", None), preview=preview,
-                              overwrite=cfg.overwrite)
+                              notes=notes, overwrite=cfg.overwrite)
     host.refresh_loras()
     return str(installed)
 
@@ -120,6 +132,8 @@ def launch_training(host: Host, job: TrainingJob, cfg: TrainConfig, *, backgroun
     the host's Lora folder and ``cfg.overwrite`` is off, so a run cannot end by failing to install its result.
     """
     check_name_free(host.lora_dir(), cfg.output_name, cfg.overwrite)
+    if not cfg.base_model:
+        cfg = dataclasses.replace(cfg, base_model=host.base_model_path())  # named in the LoRA's metadata
     job.start(cfg, host.get_backbone, background=background, wrap=host.run_exclusive,
               should_stop=host.interrupted, listener=host.progress,
               on_done=lambda result, backbone: install_result(host, cfg, result, backbone))

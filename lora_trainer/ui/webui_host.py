@@ -159,6 +159,13 @@ class WebUIHost:
         unapply_user_loras()
         return WebUIBackbone(model, sampler=webui_sampler, openclip_text_encoder=True)
 
+    def base_model_path(self) -> str | None:
+        """The loaded checkpoint's file (A1111 and Forge keep it in ``sd_model.sd_checkpoint_info``)."""
+        from modules import shared
+
+        info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        return getattr(info, "filename", None) or None
+
     def run_exclusive(self, fn: Callable[[], Any]) -> Any:
         """Hold the WebUI's GPU queue lock: no txt2img or checkpoint switch can run during training."""
         from modules import shared

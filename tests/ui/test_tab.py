@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from safetensors import safe_open
 
 from lora_trainer.config import TrainConfig, config_from_dict
 from lora_trainer.data.captions import read_metadata_csv
@@ -30,6 +31,9 @@ class FakeHost(BaseHost):
 
     def get_backbone(self):
         return self.backbone_factory() if self.backbone_factory else None
+
+    def base_model_path(self):
+        return "/models/Stable-diffusion/base-v15.safetensors" if self.backbone_factory else None
 
     def run_exclusive(self, fn):
         self.locked += 1
@@ -198,6 +202,9 @@ def test_start_poll_and_install(make_tiny_backbone, shapes_dataset, tmp_path):
     assert installed.is_file() and (tmp_path / "Lora" / "tab lora.preview.png").is_file()
     meta = json.loads((tmp_path / "Lora" / "tab lora.json").read_text())
     assert meta["sd version"] == "SD1" and meta["activation text"] == "zkx"
+    assert meta["notes"] == "Trained with lora-trainer on base-v15.safetensors: 2 steps, rank 4."
+    with safe_open(str(installed), "pt") as lora:  # the loaded checkpoint is named, as kohya names its base
+        assert lora.metadata()["ss_sd_model_name"] == "base-v15.safetensors"
     assert host.locked == 1 and host.refreshed == 1 and host.progress_calls >= 2
     assert "Nothing is running" in tab.interrupt_ui(job)
 

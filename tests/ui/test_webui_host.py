@@ -84,6 +84,12 @@ def test_lora_dir_and_defaults_from_the_settings(webui, tmp_path):
                                "preset": "Low VRAM"}
 
 
+def test_the_loaded_checkpoint_file_is_the_base_model(webui):
+    assert webui_host.WebUIHost().base_model_path() is None  # a model without checkpoint info
+    webui.shared.sd_model.sd_checkpoint_info = types.SimpleNamespace(filename="/m/Stable-diffusion/v15.safetensors")
+    assert webui_host.WebUIHost().base_model_path() == "/m/Stable-diffusion/v15.safetensors"
+
+
 def test_lowvram_is_refused_with_the_reason(webui):
     webui.shared.cmd_opts.lowvram = True
     with pytest.raises(UserError, match="--lowvram"):
