@@ -89,12 +89,22 @@ def is_forge_linear(module: nn.Module) -> bool:
             and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
 
 
-def _refusal(path: str, module: nn.Module) -> str | None:
-    """Why a Forge Linear cannot be trained through as a plain ``nn.Linear`` (``None`` when it can)."""
-    if getattr(module, "parameters_manual_cast", False):
-        return ("Forge keeps part of the model in another dtype or device and casts it on every step (it does "
-                "not fit in GPU memory, or 'Diffusion in Low Bits' is set); set Diffusion in Low Bits to "
-                "Automatic, free GPU memory (close other models) and try again")
+_STREAMED = ("Forge streams part of the model from the CPU on every step (it does not fit in the GPU memory Forge "
+             "gives it); raise 'GPU Weights' at the top of the page, close other models and try again")
+
+
+def _refusal(path: str, module: nn.Module, devices: set[torch.device]) -> str | None:
+    """Why a Forge Linear cannot be trained through as a :class:`CastingLinear` (``None`` when it can).
+
+    Forge builds some parts with "manual cast" Linears, which cast their weights to the input's device and dtype
+    on every call (its CLIP text encoders always: weights stored in fp16, computed in fp32). A
+    :class:`CastingLinear` casts the same way, so that is trained through while the part's weights stay on one
+    device (``devices``: those of the part's parameters); layers Forge streams from the CPU are refused.
+    """
+    if hasattr(module, "prev_parameters_manual_cast"):  # set by Forge's memory manager on layers it offloads
+        return f"{_STREAMED} (Forge streams this layer from {module.weight.device})"
+    if len(devices) > 1:
+        return f"{_STREAMED} (its weights are spread over {', '.join(sorted(map(str, devices)))})"
     if getattr(module, "scale_weight", None) is not None or getattr(module, "forge_online_loras", None):
         return "the checkpoint is stored scaled/quantized or has online LoRAs applied; load a plain fp16/fp32 one"
     if not module.weight.dtype.is_floating_point or module.weight.dtype.itemsize < 2:
@@ -103,8 +113,20 @@ def _refusal(path: str, module: nn.Module) -> str | None:
     return None
 
 
+class CastingLinear(nn.Linear):
+    """An ``nn.Linear`` (so LoRA layers wrap it) that computes in its input's dtype, as Forge's Linear does.
+
+    Forge stores some weights in a narrower dtype than it computes in and casts them per call; casting a
+    weight already in the input's dtype is free (``Tensor.to`` returns it as it is).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
 class LinearSwap:
-    """Forge ``Linear`` modules below a root replaced by ``nn.Linear`` modules sharing their parameters."""
+    """Forge ``Linear`` modules below a root replaced by :class:`CastingLinear` modules sharing their parameters."""
 
     def __init__(self) -> None:
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child name, original)
@@ -115,15 +137,16 @@ class LinearSwap:
     def swap(self, root: nn.Module) -> int:
         """Swap every Forge Linear below ``root``; raise :class:`UserError` (swapping nothing) if one cannot be."""
         found = [(path, module) for path, module in root.named_modules() if is_forge_linear(module)]
+        devices = {p.device for p in root.parameters()}
         for path, module in found:
-            reason = _refusal(path, module)
+            reason = _refusal(path, module, devices)
             if reason:
                 raise UserError(f"cannot train on this model as Forge holds it ({path}): {reason}")
         for path, module in found:
             parent_path, _, child = path.rpartition(".")
             parent = root.get_submodule(parent_path) if parent_path else root
-            linear = nn.Linear(module.weight.shape[1], module.weight.shape[0], bias=module.bias is not None,
-                               device="meta")
+            linear = CastingLinear(module.weight.shape[1], module.weight.shape[0], bias=module.bias is not None,
+                                   device="meta")
             linear.weight = module.weight
             linear.bias = module.bias
             linear.train(module.training)

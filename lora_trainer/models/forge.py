@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lora_trainer.errors import UserError
+from lora_trainer.host.forge_blocks import InPlaceResidualGuard
 from lora_trainer.host.forge_weights import LinearSwap, ThawedTensors
 from lora_trainer.models.backbone import Backbone
 from lora_trainer.models.ldm_blocks import ddim_preview, images_from_decoded, set_block_checkpointing
@@ -89,6 +90,7 @@ class ForgeBackbone(Backbone):
         self._load_models = load_models
         self._thawed = ThawedTensors()
         self._swap = LinearSwap()
+        self._residuals = InPlaceResidualGuard()
         self._roots: dict[str, nn.Module] = {}
 
     # ---- what the trainer calls -------------------------------------------------------------------
@@ -131,11 +133,13 @@ class ForgeBackbone(Backbone):
             if prefix not in self._roots:
                 self._thawed.thaw([root])
                 self._swap.swap(root)
+                self._residuals.guard(root)
                 self._roots[prefix] = root
         return roots
 
     def release_lora_roots(self) -> None:
         """Forge's Linear modules and inference tensors back in place (call after the LoRA layers are removed)."""
+        self._residuals.release()
         self._swap.restore()
         self._thawed.refreeze()
         self._roots.clear()

@@ -16,10 +16,17 @@ from torch import nn
 CHECKPOINT_SWITCHES = ("checkpoint", "use_checkpoint")
 
 
+def _on_a_copy(forward: Callable[..., Any], x: Any, *args: Any, **kwargs: Any) -> Any:
+    """``forward`` on a copy of its input: Forge's blocks add residuals into ``x`` in place, which would change
+    the input that checkpointing keeps for the recomputation (the copy is recomputed too, never stored)."""
+    return forward(x.clone() if isinstance(x, torch.Tensor) else x, *args, **kwargs)
+
+
 def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return torch.utils.checkpoint.checkpoint(functools.partial(_on_a_copy, forward), *args, use_reentrant=False,
+                                             **kwargs)
 
 
 def set_block_checkpointing(unet: nn.Module, enabled: bool) -> None:

@@ -38,6 +38,20 @@ class ModelState:
     checkpoint_flags: dict[int, tuple[str, Any]] = field(default_factory=dict)
     module_types: list[tuple[str, type]] = field(default_factory=list)
     forward_overrides: list[str] = field(default_factory=list)
+    hooks: dict[str, dict[int, Any]] = field(default_factory=dict)  # module name -> its hooks by handle id
+
+
+HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+OWN_MODULES = ("lora_trainer", "peft")  # hooks from these are ours; libraries may add their own lazily
+
+
+def _hooks(module: nn.Module) -> dict[int, Any]:
+    return {key: hook for table in HOOK_TABLES for key, hook in getattr(module, table, {}).items()}
+
+
+def _is_ours(hook: Any) -> bool:
+    function = getattr(hook, "func", hook)  # functools.partial
+    return getattr(function, "__module__", "").split(".")[0] in OWN_MODULES
 
 
 def snapshot_model_state(model: nn.Module) -> ModelState:
@@ -49,6 +63,8 @@ def snapshot_model_state(model: nn.Module) -> ModelState:
         state.module_types.append((name, type(module)))
         if "forward" in vars(module):
             state.forward_overrides.append(name)
+        if _hooks(module):
+            state.hooks[name] = _hooks(module)
         for flag in CHECKPOINT_FLAGS:
             if isinstance(getattr(module, flag, None), bool):
                 state.checkpoint_flags[id(module)] = (flag, getattr(module, flag))
@@ -83,3 +99,12 @@ def restore_model_state(model: nn.Module, state: ModelState) -> None:
     if overrides != state.forward_overrides:
         left = sorted(set(overrides) - set(state.forward_overrides))
         raise RuntimeError(f"forward overrides left on the model: {left}")
+    left, removed = [], []
+    for name, module in model.named_modules():
+        now, before = _hooks(module), state.hooks.get(name, {})
+        if any(_is_ours(hook) for key, hook in now.items() if key not in before):
+            left.append(name)
+        if any(key not in now for key in before):
+            removed.append(name)
+    if left or removed:
+        raise RuntimeError(f"hooks left on the model: {left[:5]}; host hooks removed: {removed[:5]}")

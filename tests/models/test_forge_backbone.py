@@ -32,24 +32,29 @@ from lora_trainer.train.trainer import TE_TARGETS, Trainer
 class Linear(nn.Module):
     """What Forge's ``ForgeOperations.Linear`` is: an ``nn.Module`` with ``weight`` / ``bias``, not an nn.Linear."""
 
-    def __init__(self, source: nn.Linear) -> None:
+    def __init__(self, source: nn.Linear, manual_cast: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = source.in_features, source.out_features
         self.weight = nn.Parameter(source.weight.detach().clone())
         self.bias = nn.Parameter(source.bias.detach().clone()) if source.bias is not None else None
-        self.parameters_manual_cast = False
+        self.parameters_manual_cast = manual_cast
         self.scale_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parameters_manual_cast:  # weights cast to the input's dtype on every call
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return F.linear(x, self.weight, self.bias)
 
 
-def forge_like(module: nn.Module) -> nn.Module:
-    """``module`` with Forge's Linear class and every tensor an inference tensor, as Forge's loader leaves it."""
+def forge_like(module: nn.Module, manual_cast: bool = False) -> nn.Module:
+    """``module`` with Forge's Linear class and every tensor an inference tensor, as Forge's loader leaves it.
+
+    Forge's loader builds its CLIP text encoders with manual-cast Linears (``manual_cast=True``).
+    """
     for name, child in list(module.named_modules()):
         if isinstance(child, nn.Linear):
             parent_name, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent_name) if parent_name else module, attr, Linear(child))
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, Linear(child, manual_cast))
     with torch.inference_mode():
         for child in module.modules():
             for key, p in list(child._parameters.items()):
@@ -59,6 +64,25 @@ def forge_like(module: nn.Module) -> nn.Module:
                 if b is not None:
                     child._buffers[key] = b.clone()
     return module
+
+
+def add_residuals_in_place(unet: nn.Module) -> nn.Module:
+    """Give ``unet``'s transformer blocks Forge's forward, which adds each residual in place (``x += ...``)."""
+
+    def forge_forward(block: nn.Module):
+        def _forward(x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+            x += block.attn1(block.norm1(x), context=context if block.disable_self_attn else None)
+            x += block.attn2(block.norm2(x), context=context)
+            x_skip = x
+            x = block.ff(block.norm3(x))
+            x += x_skip
+            return x
+        return _forward
+
+    for module in unet.modules():
+        if type(module).__name__ == "BasicTransformerBlock":
+            module._forward = forge_forward(module)
+    return unet
 
 
 class Predictor(nn.Module):
@@ -76,10 +100,10 @@ class ForgeLikeEngine:
     def __init__(self, ldm_model) -> None:
         self.tokenizer = ldm_model.cond_stage_model.tokenizer
         kmodel = nn.Module()
-        kmodel.diffusion_model = forge_like(ldm_model.model.diffusion_model)
+        kmodel.diffusion_model = add_residuals_in_place(forge_like(ldm_model.model.diffusion_model))
         kmodel.predictor = forge_like(Predictor(ldm_model.alphas_cumprod))
         clip_l = nn.Module()
-        clip_l.transformer = forge_like(ldm_model.cond_stage_model.transformer)
+        clip_l.transformer = forge_like(ldm_model.cond_stage_model.transformer, manual_cast=True)
         encoders = nn.Module()
         encoders.clip_l = clip_l
         self.first_stage = forge_like(ldm_model.first_stage_model)
@@ -208,16 +232,49 @@ def test_thawed_tensors_stay_shared_and_refreeze_exactly():
         ThawedTensors().thaw([first])
 
 
-@pytest.mark.parametrize(("attribute", "value", "message"), [
-    ("parameters_manual_cast", True, "Low Bits"),
-    ("scale_weight", torch.ones(1), "quantized"),
+def _offloaded(layer: Linear) -> None:
+    layer.prev_parameters_manual_cast, layer.parameters_manual_cast = False, True  # what Forge's CPU swap sets
+
+
+def _on_two_devices(layer: Linear) -> None:
+    layer.parameters_manual_cast = True
+    layer.weight = nn.Parameter(layer.weight.detach().to("meta"))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (_offloaded, "GPU Weights"),
+    (_on_two_devices, "spread over cpu, meta"),
+    (lambda layer: setattr(layer, "scale_weight", torch.ones(1)), "quantized"),
+    (lambda layer: setattr(layer, "weight", nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn))),
+     "float8_e4m3fn"),
 ])
-def test_linear_swap_refuses_what_it_cannot_train_through_and_swaps_nothing(attribute, value, message):
+def test_linear_swap_refuses_what_it_cannot_train_through_and_swaps_nothing(change, message):
     root = nn.Sequential(Linear(nn.Linear(2, 2)), Linear(nn.Linear(2, 2)))
-    setattr(root[1], attribute, value)
+    change(root[1])
     with pytest.raises(UserError, match=message):
         LinearSwap().swap(root)
     assert all(isinstance(m, Linear) for m in root)
+
+
+def test_manual_cast_layers_compute_as_forge_does_after_the_swap():
+    """Forge's CLIP: fp16 weights in manual-cast Linears, run on fp32 activations; swapped, it computes the same."""
+    torch.manual_seed(0)
+    root = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
+    root = nn.Sequential(Linear(root[0], True), nn.GELU(), Linear(root[2], True)).half()
+    x = torch.randn(3, 4)
+    expected = root(x)
+    assert expected.dtype == torch.float32
+    originals = list(root)
+    swap = LinearSwap()
+    assert swap.swap(root) == 2 and isinstance(root[0], nn.Linear) and root[2].weight is originals[2].weight
+    assert torch.equal(root(x), expected)
+    inject_lora({"lora_te": root}, rank=2, alpha=2, dropout=0.0, unet_targets=[], te_targets=["0", "2"])
+    out = root(x)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)  # LoRA B starts at zero
+    out.sum().backward()  # gradients reach the float32 LoRA weights through fp16 frozen ones
+    remove_lora({"lora_te": root})
+    swap.restore()
+    assert list(root) == originals and root[0].weight.dtype == torch.float16
 
 
 def test_linear_swap_shares_parameters_and_puts_the_originals_back():
