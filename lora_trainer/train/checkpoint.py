@@ -1,4 +1,9 @@
-"""Resumable checkpoints: LoRA weights, optimizer, schedule, RNG and data position, written atomically."""
+"""Resumable checkpoints: LoRA weights, optimizer, schedule, RNG and data position, written atomically.
+
+Nothing is pickled: tensors go to safetensors files and everything else to JSON. Pickled ``.pt`` files are
+also what the WebUI's ``torch.load`` replacement refuses when newer torch releases write them, so a run
+could not be resumed inside the WebUI.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP_LAST = 3
+TRAINING_STATE = "training_state"  # .json (structure and numbers) + .safetensors (its tensors)
 
 
 @dataclass
@@ -59,8 +65,11 @@ def save_checkpoint(output_dir: str | Path, progress: Progress, lora_state: dict
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in lora_state.items()}, str(tmp / "lora_state.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "training_state.pt")
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split_tensors({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "rng": rng_state()}, tensors)
+    save_file(tensors, str(tmp / f"{TRAINING_STATE}.safetensors"))
+    (tmp / f"{TRAINING_STATE}.json").write_text(json.dumps(skeleton), encoding="utf-8")
     (tmp / "progress.json").write_text(json.dumps(asdict(progress)), encoding="utf-8")
     for name, write in (extra_files or {}).items():
         write(tmp / name)
@@ -108,9 +117,46 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Read a checkpoint folder (weights-only loading: no pickled code runs)."""
+    """Read a checkpoint folder (JSON and safetensors only: no pickled code runs)."""
     path = Path(path)
     progress = Progress(**json.loads((path / "progress.json").read_text(encoding="utf-8")))
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    if not (path / f"{TRAINING_STATE}.json").is_file():
+        raise FileNotFoundError(f"{path} has no {TRAINING_STATE}.json (written by an older lora-trainer?); "
+                                f"start the run again without resume_from")
+    skeleton = json.loads((path / f"{TRAINING_STATE}.json").read_text(encoding="utf-8"))
+    state = _join_tensors(skeleton, load_file(str(path / f"{TRAINING_STATE}.safetensors")))
     return LoadedCheckpoint(path, progress, load_file(str(path / "lora_state.safetensors")),
                             state["optimizer"], state["scheduler"], state["rng"])
+
+
+def _split_tensors(value: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
+    """``value`` as JSON-able data, its tensors moved to ``tensors`` (tuples and non-string keys kept)."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().clone().contiguous()  # safetensors refuses shared storage
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        if all(isinstance(key, str) for key in value):
+            return {key: _split_tensors(item, tensors, f"{path}.{key}") for key, item in value.items()}
+        return {"__items__": [[key, _split_tensors(item, tensors, f"{path}.{index}")]
+                              for index, (key, item) in enumerate(value.items())]}
+    if isinstance(value, (list, tuple)):
+        items = [_split_tensors(item, tensors, f"{path}.{index}") for index, item in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} at {path} in a checkpoint")
+
+
+def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`_split_tensors`."""
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__items__" in value:
+            return {key: _join_tensors(item, tensors) for key, item in value["__items__"]}
+        if "__tuple__" in value:
+            return tuple(_join_tensors(item, tensors) for item in value["__tuple__"])
+        return {key: _join_tensors(item, tensors) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_join_tensors(item, tensors) for item in value]
+    return value

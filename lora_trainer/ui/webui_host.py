@@ -25,14 +25,16 @@ def unapply_user_loras() -> int:
         import networks  # the WebUI's built-in Lora extension
     except ImportError:
         return 0
+    import torch
     from modules import shared
 
     networks.loaded_networks.clear()
     restored = 0
-    for module in shared.sd_model.modules():
-        if getattr(module, "network_current_names", ()):
-            networks.network_apply_weights(module)
-            restored += 1
+    with torch.no_grad():  # as in txt2img: the restore copies into parameters that may require grad
+        for module in shared.sd_model.modules():
+            if getattr(module, "network_current_names", ()):
+                networks.network_apply_weights(module)
+                restored += 1
     return restored
 
 

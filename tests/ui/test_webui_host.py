@@ -67,7 +67,12 @@ def webui(monkeypatch, tmp_path):
     processing = types.SimpleNamespace(StableDiffusionProcessing=Processing,
                                        StableDiffusionProcessingTxt2Img=Txt2Img, process_images=process_images)
     applied = []
-    networks = types.SimpleNamespace(loaded_networks=["user_lora"], network_apply_weights=applied.append,
+
+    def network_apply_weights(module) -> None:  # the Lora extension restores its backup in place
+        applied.append(module)
+        module.weight.copy_(torch.zeros_like(module.weight))
+
+    networks = types.SimpleNamespace(loaded_networks=["user_lora"], network_apply_weights=network_apply_weights,
                                      list_available_networks=lambda: seen.setdefault("refreshed", True))
     modules = types.SimpleNamespace(shared=shared, call_queue=call_queue, processing=processing)
     for name, module in (("modules", modules), ("modules.shared", shared), ("modules.call_queue", call_queue),
@@ -101,8 +106,10 @@ def test_lowvram_is_refused_with_the_reason(webui):
 
 
 def test_user_loras_are_taken_out_of_the_weights(webui):
+    assert webui.model[0].weight.requires_grad  # as the WebUI's models load: a plain copy_ would raise
     assert webui_host.unapply_user_loras() == 1
     assert webui.networks.loaded_networks == [] and webui.applied == [webui.model[0]]
+    assert not webui.model[0].weight.any()
 
 
 def test_run_holds_the_gpu_lock_and_the_webui_job(webui):
