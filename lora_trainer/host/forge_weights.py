@@ -5,9 +5,9 @@ autograd refuses to save one for backward, and LoRA training needs backward thro
 after the first LoRA. Its layers are also Forge's own ``Linear`` class (an ``nn.Module`` that is not an
 ``nn.Linear``), which LoRA libraries do not wrap. For the length of a run:
 
-* :class:`ThawedTensors` replaces each inference parameter and buffer with an ordinary copy (one tensor at a
-  time, so memory grows by one tensor at most) and, at the end, with an inference copy again, with the
-  original ``requires_grad``;
+* :class:`ThawedTensors` replaces each inference parameter and buffer with an ordinary copy (one module at a
+  time, each original freed once replaced, so the weights are never held twice) and, at the end, with an
+  inference copy again, with the original ``requires_grad``;
 * :class:`LinearSwap` puts a ``torch.nn.Linear`` holding the very same parameter objects in place of each of
   Forge's ``Linear`` modules, and the original module objects back at the end.
 
@@ -54,7 +54,10 @@ class ThawedTensors:
         """Thaw every inference tensor below ``modules``; return how many were replaced."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("cannot make trainable tensors inside torch.inference_mode()")
-        replaced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, copy): both kept alive
+        # id of an original -> its copy. Originals are not kept: each is freed once no module holds it, so the
+        # weights are never held twice. An id is only looked up for an original still held by a module, which
+        # was alive alongside every freed one, so a stale id cannot match it.
+        replaced: dict[int, torch.Tensor] = {}
         before = len(self._thawed)
         for root in modules:
             for module in root.modules():
@@ -63,23 +66,27 @@ class ThawedTensors:
                         if tensor is None or not tensor.is_inference():
                             continue
                         if id(tensor) not in replaced:
-                            copy = _copy_parameter(tensor, tensor.requires_grad) if is_parameter else tensor.clone()
-                            replaced[id(tensor)] = (tensor, copy)
-                        table[name] = replaced[id(tensor)][1]
+                            replaced[id(tensor)] = (_copy_parameter(tensor, tensor.requires_grad) if is_parameter
+                                                    else tensor.clone())
+                        table[name] = replaced[id(tensor)]
                         self._thawed.append(_Thawed(module, name, is_parameter, tensor.requires_grad))
+                        del tensor  # the module's reference was the last one: the original can go now
         return len(self._thawed) - before
 
     def refreeze(self) -> None:
         """Inference copies of the current values back in place, with the original ``requires_grad``."""
-        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (thawed, frozen copy): both kept alive
+        done: dict[int, torch.Tensor] = {}  # id of a thawed tensor -> its frozen copy (ids as in thaw)
         with torch.inference_mode():
             for item in reversed(self._thawed):
                 table = item.module._parameters if item.is_parameter else item.module._buffers
                 current = table[item.name]
+                if current.is_inference():
+                    continue  # already put back
                 if id(current) not in done:
-                    done[id(current)] = (current, _copy_parameter(current, item.requires_grad) if item.is_parameter
+                    done[id(current)] = (_copy_parameter(current, item.requires_grad) if item.is_parameter
                                          else current.clone())
-                table[item.name] = done[id(current)][1]
+                table[item.name] = done[id(current)]
+                del current
         self._thawed.clear()
 
 

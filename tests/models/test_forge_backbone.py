@@ -215,6 +215,34 @@ def test_exported_file_reproduces_the_trained_forge_model(ldm_model, shapes_data
     reloaded.release_lora_roots()
 
 
+def test_thawing_and_refreezing_hold_the_weights_once(monkeypatch):
+    """Each replaced tensor is freed before the next module's are copied: no second copy of the model."""
+    import weakref
+
+    from lora_trainer.host import forge_weights
+
+    with torch.inference_mode():
+        root = nn.Sequential(*(nn.Linear(4, 4) for _ in range(5)))
+    watched = [weakref.ref(p) for p in root.parameters()]
+    alive_at_copy = []
+    copy = forge_weights._copy_parameter
+
+    def counting_copy(tensor, requires_grad):
+        alive_at_copy.append(sum(ref() is not None for ref in watched))
+        return copy(tensor, requires_grad)
+
+    monkeypatch.setattr(forge_weights, "_copy_parameter", counting_copy)
+    thawed = ThawedTensors()
+    thawed.thaw([root])
+    assert alive_at_copy == [10, 10, 8, 8, 6, 6, 4, 4, 2, 2]  # a module's weight and bias, then they go
+    assert all(ref() is None for ref in watched)
+    watched[:] = [weakref.ref(p) for p in root.parameters()]
+    alive_at_copy.clear()
+    thawed.refreeze()
+    assert alive_at_copy == [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
+    assert all(p.is_inference() for p in root.parameters())
+
+
 def test_thawed_tensors_stay_shared_and_refreeze_exactly():
     with torch.inference_mode():
         shared = nn.Parameter(torch.randn(3, 3), requires_grad=False)
