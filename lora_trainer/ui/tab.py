@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import html
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +341,28 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def message_html(text: str) -> str:
+    """A short message (YAML loaded, captions saved...) as HTML; nothing at all while there is none."""
+    if not text:
+        return ""
+    return f'<div class="lora_train_message">{html.escape(text).replace(chr(10), "<br>")}</div>'
+
+
+def with_message_html(fn: Callable[..., Any], position: int | None = None) -> Callable[..., Any]:
+    """``fn`` with its message (the whole result, or the item at ``position``) turned into :func:`message_html`."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any) -> Any:
+        result = fn(*args)
+        if position is None:
+            return message_html(result)
+        result = list(result)
+        result[position] = message_html(result[position])
+        return result
+
+    return wrapped
+
+
 def status_html(snap: dict[str, Any], note: str = "") -> str:
     """The status panel; ``data-status`` tells lora_train.js whether to keep polling."""
     esc = html.escape
@@ -536,7 +558,7 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                 with gr.Row():
                     load_caps = gr.Button("Load captions", elem_id="lora_train_load_captions")
                     save_caps = gr.Button("Save captions", variant="primary", elem_id="lora_train_save_captions")
-                caption_status = gr.Textbox(label="Captions", interactive=False, elem_id="lora_train_caption_status")
+                caption_status = gr.HTML(elem_id="lora_train_caption_status", elem_classes=["lora_train_messages"])
                 caption_table = gr.Dataframe(headers=CAPTION_HEADERS, type="array", datatype=["str", "str"],
                                              col_count=(2, "fixed"), interactive=True, wrap=True,
                                              elem_id="lora_train_caption_table")
@@ -548,8 +570,8 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                                               elem_id="lora_train_yaml_in")
                     save_yaml = gr.Button("Save YAML", scale=1, elem_id="lora_train_save_yaml")
                 with gr.Row(equal_height=True):
-                    settings_status = gr.Textbox(label="Settings", interactive=False, scale=2,
-                                                 elem_id="lora_train_settings_status")
+                    settings_status = gr.HTML(elem_id="lora_train_settings_status",
+                                              elem_classes=["lora_train_messages"])
                     yaml_out = gr.File(label="Saved YAML", interactive=False, visible=False, scale=2,
                                        elem_id="lora_train_yaml_out")  # shown once there is a file to offer
                 for row in BASIC_ROWS:
@@ -590,17 +612,20 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         clean_button.click(clean, inputs=[fields["train_data_dir"], clean_output, clean_min, clean_dedup,
                                           clean_overwrite],
                            outputs=[clean_summary, clean_table, clean_gallery, fields["train_data_dir"]])
-        cap_button.click(caption, inputs=[fields["train_data_dir"], cap_choice, cap_model, cap_trigger, cap_overwrite],
+        folder = fields["train_data_dir"]
+        cap_button.click(with_message_html(caption, 0),
+                         inputs=[folder, cap_choice, cap_model, cap_trigger, cap_overwrite],
                          outputs=[caption_status, caption_table])
-        load_caps.click(load_captions, inputs=[fields["train_data_dir"]], outputs=[caption_table, caption_status])
-        save_caps.click(save_caption_rows, inputs=[fields["train_data_dir"], caption_table], outputs=[caption_status])
+        load_caps.click(with_message_html(load_captions, 1), inputs=[folder], outputs=[caption_table, caption_status])
+        save_caps.click(with_message_html(save_caption_rows), inputs=[folder, caption_table], outputs=[caption_status])
         preset_box.change(apply_preset, inputs=[preset_box, *inputs], outputs=inputs)
-        yaml_in.upload(load_yaml_ui, inputs=[yaml_in, *inputs], outputs=[*inputs, settings_status])
+        yaml_in.upload(with_message_html(load_yaml_ui, -1), inputs=[yaml_in, *inputs],
+                       outputs=[*inputs, settings_status])
         def save_and_offer(*values: Any) -> tuple[Any, str]:
             file, note = save_yaml_ui(*values)
             return gr.update(value=file, visible=file is not None), note
 
-        save_yaml.click(save_and_offer, inputs=inputs, outputs=[yaml_out, settings_status])
+        save_yaml.click(with_message_html(save_and_offer, 1), inputs=inputs, outputs=[yaml_out, settings_status])
         start_button.click(functools.partial(start_training_ui, host, job), inputs=inputs, outputs=[status])
         stop_button.click(functools.partial(interrupt_ui, job), outputs=[status])
         poll = functools.partial(poll_ui, job)

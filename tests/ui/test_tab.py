@@ -269,3 +269,12 @@ def test_build_tab_returns_blocks(tmp_path):
                  "lora_train_caption_table", "lora_train_advanced", "lora_train_cfg_noise_offset"):
         assert elem in ids
     assert all(elem.startswith("lora_train_") for elem in ids if elem)
+
+
+def test_messages_are_escaped_html_and_nothing_while_empty():
+    assert tab.message_html("") == ""
+    shown = tab.message_html("Loaded <a>.yaml\nkept 3")
+    assert "&lt;a&gt;.yaml<br>kept 3" in shown and 'class="lora_train_message"' in shown
+    load = tab.with_message_html(lambda *values: [*values, "Loaded x.yaml"], -1)
+    assert load(1, 2)[:2] == [1, 2] and "Loaded x.yaml" in load(1, 2)[-1]
+    assert tab.with_message_html(lambda: "")() == ""
