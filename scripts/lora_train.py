@@ -57,6 +57,14 @@ def on_ui_tabs():
     return [(blocks, *TAB)]
 
 
+def _option(*args, **kwargs):
+    """A setting on our page, listed under the Settings' Training heading where the WebUI has categories."""
+    try:
+        return shared.OptionInfo(*args, category_id="training", **kwargs)
+    except TypeError:  # WebUI versions before settings categories
+        return shared.OptionInfo(*args, **kwargs)
+
+
 def on_ui_settings():
     import gradio as gr
 
@@ -67,13 +75,13 @@ def on_ui_settings():
     except Exception:  # noqa: BLE001 - settings must not fail because of the package
         presets = [""]
     options = {
-        "lora_train_output_dir": shared.OptionInfo(
+        "lora_train_output_dir": _option(
             str(Path("outputs") / "lora_train"), "Folder for training outputs (checkpoints, samples, configs)",
             section=SECTION),
-        "lora_train_sample_every": shared.OptionInfo(
+        "lora_train_sample_every": _option(
             0, "Render sample images every N steps (0: only at the end)", gr.Number, {"precision": 0},
             section=SECTION),
-        "lora_train_default_preset": shared.OptionInfo(
+        "lora_train_default_preset": _option(
             "", "Preset selected when the tab opens", gr.Dropdown, {"choices": presets}, section=SECTION),
     }
     for key, info in options.items():

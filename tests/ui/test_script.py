@@ -16,9 +16,19 @@ needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None, re
 
 
 class OptionInfo:
-    def __init__(self, default=None, label="", component=None, component_args=None, section=None, **kwargs):
+    """The WebUI 1.10 signature (settings categories since 1.7)."""
+
+    def __init__(self, default=None, label="", component=None, component_args=None, section=None, category_id=None):
         self.default, self.label, self.component, self.component_args, self.section = (
             default, label, component, component_args, section)
+        self.category_id = category_id
+
+
+class OldOptionInfo:
+    """A WebUI before settings categories: no ``category_id`` argument."""
+
+    def __init__(self, default=None, label="", component=None, component_args=None, section=None):
+        self.default, self.section = default, section
 
 
 @pytest.fixture
@@ -57,7 +67,15 @@ def test_settings_section(webui):
     webui.callbacks["on_ui_settings"][0]()
     assert set(webui.options) == {"lora_train_output_dir", "lora_train_sample_every", "lora_train_default_preset"}
     assert all(info.section == ("lora_train", "LoRA Train") for info in webui.options.values())
+    assert all(info.category_id == "training" for info in webui.options.values())  # under Settings' Training
     assert "Low VRAM" in webui.options["lora_train_default_preset"].component_args["choices"]
+
+
+@needs_gradio
+def test_settings_section_on_a_webui_without_categories(webui, monkeypatch):
+    monkeypatch.setattr(sys.modules["modules.shared"], "OptionInfo", OldOptionInfo)
+    webui.callbacks["on_ui_settings"][0]()
+    assert len(webui.options) == 3 and all(isinstance(info, OldOptionInfo) for info in webui.options.values())
 
 
 @needs_gradio
