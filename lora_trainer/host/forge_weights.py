@@ -70,7 +70,6 @@ class ThawedTensors:
                                                     else tensor.clone())
                         table[name] = replaced[id(tensor)]
                         self._thawed.append(_Thawed(module, name, is_parameter, tensor.requires_grad))
-                        del tensor  # the module's reference was the last one: the original can go now
         return len(self._thawed) - before
 
     def refreeze(self) -> None:
@@ -86,7 +85,6 @@ class ThawedTensors:
                     done[id(current)] = (_copy_parameter(current, item.requires_grad) if item.is_parameter
                                          else current.clone())
                 table[item.name] = done[id(current)]
-                del current
         self._thawed.clear()
 
 

@@ -63,8 +63,9 @@ def snapshot_model_state(model: nn.Module) -> ModelState:
         state.module_types.append((name, type(module)))
         if "forward" in vars(module):
             state.forward_overrides.append(name)
-        if _hooks(module):
-            state.hooks[name] = _hooks(module)
+        hooks = _hooks(module)
+        if hooks:
+            state.hooks[name] = hooks
         for flag in CHECKPOINT_FLAGS:
             if isinstance(getattr(module, flag, None), bool):
                 state.checkpoint_flags[id(module)] = (flag, getattr(module, flag))
