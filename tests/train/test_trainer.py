@@ -92,8 +92,10 @@ def test_run_writes_kohya_lora_config_and_checkpoints(make_tiny_backbone, shapes
     assert metadata["ss_network_dim"] == "4" and metadata["ss_output_name"] == "test_lora"
     assert (out / "test_lora.config.yaml").is_file()
     assert [e.step for e in events if isinstance(e, CheckpointEvent)] == [2]
-    assert (out / "checkpoints" / "step-000002" / "lora_state.safetensors").is_file()
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002-0.png", "step-000004-0.png"]
+    [run_dir] = list((out / "checkpoints").iterdir())
+    assert run_dir.name.startswith("test_lora-") and (run_dir / "step-000002" / "lora_state.safetensors").is_file()
+    assert sorted(p.name for p in (out / "samples" / "test_lora").iterdir()) == ["step-000002-0.png",
+                                                                                 "step-000004-0.png"]
     assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
