@@ -1,4 +1,5 @@
-"""Files that appear whole or not at all: write to a temporary name, fsync, rename."""
+"""Files that appear whole or not at all (write to a temporary name, fsync, rename), and one-line errors for
+files that cannot be written (disk full, read-only) or read as text (not UTF-8)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,41 @@ _ADVICE = {
 }
 
 
+class TextEncodingError(UserError, ValueError):
+    """A text file that is not UTF-8; the message names the file, the line and the fix."""
+
+
+def read_utf8(path: str | Path, data: bytes | None = None) -> str:
+    """The text of ``path`` (UTF-8, a BOM allowed); TextEncodingError naming the file and line otherwise.
+
+    No other encoding is guessed: a wrong guess would silently train on garbled captions.
+    """
+    path = Path(path)
+    data = path.read_bytes() if data is None else data
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        try:
+            data.decode("cp1252")
+            likely = "; it looks like Windows-1252 / Latin-1"
+        except UnicodeDecodeError:
+            likely = ""
+        excel = "Excel: 'CSV UTF-8'; or " if path.suffix.lower() == ".csv" else ""
+        raise TextEncodingError(
+            f"{path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}{likely}); save it as UTF-8 "
+            f"({excel}iconv -f cp1252 -t utf-8 {path.name} > utf8_{path.name})") from None
+
+
 class StorageError(UserError, OSError):
     """A file could not be read or written (disk full, read-only, no permission...); the message names it."""
 
 
-def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
+def describe_os_error(err: OSError, path: str | Path | None = None, action: str = "write") -> str:
     """One line: the file (``err.filename``, else ``path``), what went wrong and what to do."""
     where = err.filename if err.filename is not None else path
-    what = _ADVICE.get(err.errno or 0, err.strerror or str(err))
-    return f"cannot write {where}: {what}" if where is not None else f"file error: {what}"
+    what = _ADVICE.get(err.errno or 0) or err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    return f"cannot {action} {where}: {what}" if where is not None else f"file error: {what}"
 
 
 @contextlib.contextmanager
@@ -36,12 +63,12 @@ def reporting_os_errors(path: str | Path | None = None) -> Iterator[None]:
     """Turn an OSError inside the block into a :class:`StorageError` naming the file (or ``path``)."""
     try:
         yield
-    except (StorageError, FileExistsError, FileNotFoundError):
+    except StorageError:
         raise
     except OSError as err:
-        error = StorageError(describe_os_error(err, path))
-        error.errno, error.filename = err.errno, err.filename if err.filename is not None else path
-        raise error from err
+        if isinstance(err, (FileExistsError, FileNotFoundError)) and err.errno is None:
+            raise  # our own "exists; set overwrite" / "not found" messages, already one clear line
+        raise StorageError(describe_os_error(err, path)) from err  # err.errno stays on __cause__
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:

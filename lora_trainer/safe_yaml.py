@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from lora_trainer.errors import UserError
+from lora_trainer.fsutil import TextEncodingError, read_utf8
 
 MAX_YAML_BYTES = 1 << 20  # a config is a few kilobytes
 MAX_YAML_VALUES = 100_000  # values after alias expansion (a nested alias "bomb" expands to billions)
@@ -89,11 +90,9 @@ def read_yaml_text(path: str | Path, what: str = "YAML file", error: type[UserEr
     except OSError as err:
         raise error(f"cannot read {what} {path}: {err.strerror or err}") from None
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise error(f"{what} {path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
-                    "save it as UTF-8") from None
+        return read_utf8(path, data)
+    except TextEncodingError as err:
+        raise error(f"{what} {err}") from None
 
 
 def read_yaml_mapping(path: str | Path, what: str = "YAML file", error: type[UserError] = UserError) -> dict:

@@ -47,7 +47,9 @@ def test_recursive_alias_is_refused() -> None:
 def test_non_utf8_config_is_one_line_naming_the_file(tmp_path: Path, capsys) -> None:
     path = tmp_path / "latin.yaml"
     path.write_bytes("train_data_dir: data\nbase_model: m.safetensors\ntrigger_word: café\n".encode("cp1252"))
-    with pytest.raises(ConfigError, match=r"latin\.yaml is not UTF-8 text \(byte 0xe9 on line 3\); save it as UTF-8"):
+    with pytest.raises(ConfigError, match=r"latin\.yaml is not UTF-8 text \(byte 0xe9 on line 3; it looks like "
+                       r"Windows-1252 / "
+                       r"Latin-1\); save it as UTF-8 \(iconv -f cp1252 -t utf-8 latin.yaml"):
         load_config(path)
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 from lora_trainer.errors import UserError
 
@@ -164,4 +167,6 @@ def flip_horizontal(image: Image.Image) -> Image.Image:
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as a float32 tensor ``[3, H, W]`` in ``[-1, 1]``."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    import torch  # imported here: the command line lists its commands without loading torch
+
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))) / 127.5 - 1.0
