@@ -23,8 +23,18 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    done = run_cli("demo", "--workdir", str(tmp_path / "demo"), "--steps", "4", cwd=tmp_path)
+WITHOUT_OPEN_CLIP = ("import importlib.util, sys\nfind = importlib.util.find_spec\n"
+                     "importlib.util.find_spec = lambda name, *a: None if name == 'open_clip' else find(name, *a)\n"
+                     "sys.modules['open_clip'] = None\nfrom lora_trainer.cli import main\n"
+                     "raise SystemExit(main(sys.argv[1:]))\n")
+
+
+def test_demo_runs_end_to_end_with_nothing_but_the_package(tmp_path):
+    """As after ``pip install -e .`` alone: no open_clip, no cached tokenizer, no Hugging Face cache."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_TRAINER_CACHE": str(tmp_path / "empty-cache"),
+           "HF_HUB_CACHE": str(tmp_path / "empty-hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", WITHOUT_OPEN_CLIP, "demo", "--workdir", str(tmp_path / "demo"),
+                           "--steps", "4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = tmp_path / "demo" / "output" / "demo_lora.safetensors"
     assert f"LoRA saved: {saved}" in done.stdout

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from lora_trainer.config import FIELDS, ConfigError, TrainConfig, config_from_dict, dump_config
 from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.safe_yaml import read_yaml_mapping
 from lora_trainer.ui.host import Host, launch_training
 from lora_trainer.ui.job import JobBusyError, TrainingJob, current_job
 
@@ -307,7 +308,7 @@ def load_yaml_ui(file: Any, *values: Any) -> list[Any]:
     if path is None:
         return [*values, "Choose a YAML file first."]
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml_mapping(path)  # bounded size, UTF-8, no alias bombs: as the CLI reads it
         cfg = config_from_dict(data, require=False)
     except (OSError, yaml.YAMLError, UserError) as err:
         return [*values, f"Cannot load {path.name}: {err}"]
