@@ -17,6 +17,7 @@ from lora_trainer.fsutil import atomic_write_text, read_utf8
 from lora_trainer.validation import MAX_CAPTION_CHARS
 
 METADATA_FILE = "metadata.csv"
+MAX_CSV_BYTES = 16 << 20  # a metadata.csv for a few hundred images is tens of kilobytes
 _FILENAME_COLUMNS = ("filename", "file_name", "image", "file")
 _PROMPT_COLUMNS = ("prompt", "caption", "text")
 _LOOKS_LIKE_A_ROW = re.compile(r"[^,\"\n]+\.(png|jpe?g|jfif|webp|bmp|gif|tiff?)\s*,", re.IGNORECASE)
@@ -62,6 +63,9 @@ def read_metadata_rows(path: str | Path) -> list[CaptionRow]:
     naming the file and the line; a file that is not UTF-8 raises TextEncodingError.
     """
     path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_CSV_BYTES:
+        raise CaptionFileError(f"{path} is {size >> 20} MiB; a caption file is at most {MAX_CSV_BYTES >> 20} MiB")
     reader = csv.reader(io.StringIO(read_utf8(path), newline=""), strict=True)
     parsed: list[tuple[int, int, list[str]]] = []
     start = 1
@@ -127,6 +131,10 @@ def read_txt_caption(image_path: str | Path) -> str | None:
     path = txt_path(image_path)
     if not path.is_file():
         return None
+    size = path.stat().st_size
+    if size > 4 * MAX_CAPTION_CHARS:  # UTF-8 takes at most 4 bytes a character: refused before reading
+        raise CaptionFileError(f"{path}: the caption is {size} bytes long; at most {MAX_CAPTION_CHARS} characters "
+                               "are allowed (CLIP reads about 300)")
     text = read_utf8(path).strip()
     if len(text) > MAX_CAPTION_CHARS:
         raise CaptionFileError(f"{path}: the caption is {len(text)} characters long; at most {MAX_CAPTION_CHARS} "

@@ -145,3 +145,15 @@ def test_windows_encoded_txt_caption_names_the_file(tmp_path):
     (tmp_path / "img.txt").write_text("w" * 3000, encoding="utf-8")
     with pytest.raises(CaptionFileError, match=r"img\.txt: the caption is 3000 characters long"):
         read_txt_caption(tmp_path / "img.png")
+
+
+def test_huge_caption_files_are_refused_before_reading(tmp_path, monkeypatch):
+    from lora_trainer.data import captions
+
+    (tmp_path / "img.txt").write_bytes(b"w" * 9000)
+    with pytest.raises(CaptionFileError, match=r"img\.txt: the caption is 9000 bytes long"):
+        read_txt_caption(tmp_path / "img.png")
+    monkeypatch.setattr(captions, "MAX_CSV_BYTES", 1 << 20)
+    path = _csv(tmp_path, "filename,prompt\n" + "a.png,x\n" * 200_000)
+    with pytest.raises(CaptionFileError, match=r"metadata\.csv is 1 MiB; a caption file is at most 1 MiB"):
+        read_metadata_csv(path)

@@ -224,3 +224,26 @@ def test_interrupt_takes_effect_during_latent_and_text_caching(make_tiny_backbon
     assert result.interrupted and result.steps_done == 0 and result.lora_path is None
     assert len(encoded) == 2, "the cache loop polls the stop flag before every item"
     assert any(f"interrupted while {stage}" in m for m in messages_of(events))
+
+
+def test_the_run_prints_its_plan_and_a_rough_duration_before_the_model_loads(make_tiny_backbone, shapes_dataset,
+                                                                              tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "stand-in.safetensors"))
+    events: list = []
+    cfg = make_config(shapes_dataset, tmp_path / "out", max_steps=None, epochs=3, save_steps=0,
+                      base_model=str(tmp_path / "stand-in.safetensors"))
+    trainer = Trainer(cfg, None, events=EventBus(events.append))
+
+    def load(device, dtype):
+        events.append("model loads")
+        trainer.backbone = make_tiny_backbone()
+        return trainer.backbone
+
+    trainer._load_backbone = load
+    trainer.run()
+    plan = next(i for i, e in enumerate(events) if isinstance(e, MessageEvent) and e.text.startswith("plan: "))
+    assert plan < events.index("model loads")
+    assert events[plan].text.startswith("plan: 6 steps (3 epochs of 2 steps; 8 images x 1 repeats, batch 4 x 1, "
+                                        "64 px); rough duration ")
