@@ -128,6 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, FileExistsError, FileNotFoundError) as err:
         return fail(str(err))
     except OSError as err:
-        return fail(describe_os_error(err, action="use"))
+        return fail(describe_os_error(err))
     except UnicodeDecodeError as err:
         return fail(f"a file is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8")

@@ -51,24 +51,28 @@ class StorageError(UserError, OSError):
     """A file could not be read or written (disk full, read-only, no permission...); the message names it."""
 
 
-def describe_os_error(err: OSError, path: str | Path | None = None, action: str = "write") -> str:
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def describe_os_error(err: OSError, path: str | Path | None = None, action: str | None = None) -> str:
     """One line: the file (``err.filename``, else ``path``), what went wrong and what to do."""
     where = err.filename if err.filename is not None else path
     what = _ADVICE.get(err.errno or 0) or err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    action = action or ("write" if err.errno in _WRITE_ERRORS else "use")
     return f"cannot {action} {where}: {what}" if where is not None else f"file error: {what}"
 
 
 @contextlib.contextmanager
-def reporting_os_errors(path: str | Path | None = None) -> Iterator[None]:
-    """Turn an OSError inside the block into a :class:`StorageError` naming the file (or ``path``)."""
+def reporting_os_errors(path: str | Path | None = None, action: str | None = None) -> Iterator[None]:
+    """Turn a system OSError inside the block into a :class:`StorageError` naming the file (or ``path``)."""
     try:
         yield
     except StorageError:
         raise
     except OSError as err:
-        if isinstance(err, (FileExistsError, FileNotFoundError)) and err.errno is None:
-            raise  # our own "exists; set overwrite" / "not found" messages, already one clear line
-        raise StorageError(describe_os_error(err, path)) from err  # err.errno stays on __cause__
+        if err.errno is None:
+            raise  # raised by code, not the system (e.g. our own "exists; set overwrite"): its message stands
+        raise StorageError(describe_os_error(err, path, action)) from err  # err.errno stays on __cause__
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
@@ -79,7 +83,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     path = Path(path)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; set overwrite: true (or choose another name) to replace it")
-    with reporting_os_errors(path):
+    with reporting_os_errors(path, "write"):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)

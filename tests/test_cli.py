@@ -32,7 +32,8 @@ WITHOUT_OPEN_CLIP = ("import importlib.util, sys\nfind = importlib.util.find_spe
 def test_demo_runs_end_to_end_with_nothing_but_the_package(tmp_path):
     """As after ``pip install -e .`` alone: no open_clip, no cached tokenizer, no Hugging Face cache."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "LORA_TRAINER_CACHE": str(tmp_path / "empty-cache"),
-           "HF_HUB_CACHE": str(tmp_path / "empty-hub"), "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_CACHE": str(tmp_path / "empty-hub"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}  # tiny models: one thread is faster, and immune to a busy machine
     done = subprocess.run([sys.executable, "-c", WITHOUT_OPEN_CLIP, "demo", "--workdir", str(tmp_path / "demo"),
                            "--steps", "4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -188,7 +189,7 @@ def test_the_guard_turns_os_and_decoding_errors_into_one_line(monkeypatch, capsy
     import lora_trainer.cli as cli
 
     for error, expected in ((OSError(errno.ENOSPC, "No space left on device", "/data/x.bin"),
-                             "cannot use /data/x.bin: the disk is full"),
+                             "cannot write /data/x.bin: the disk is full"),
                             (PermissionError(errno.EACCES, "Permission denied", "/root/y"),
                              "cannot use /root/y: permission denied"),
                             (UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte"),

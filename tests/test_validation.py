@@ -172,10 +172,10 @@ def test_fuzz_no_accepted_job_writes_outside_its_folder(tmp_path: Path) -> None:
     from lora_trainer.train.layout import RunLayout
 
     @hypothesis.settings(max_examples=200, deadline=None, database=None)
-    @hypothesis.given(name=_names(), log=st.one_of(st.none(), _names()), key=st.sampled_from(NUMBER_KEYS),
-                      number=_numbers(), step=st.integers(min_value=0, max_value=10**7))
-    def check(name: str, log: str | None, key: str, number: object, step: int) -> None:
-        data = {**BASE, "output_dir": "out", "output_name": name, key: number}
+    @hypothesis.given(name=_names(), out=st.one_of(st.just("out"), _names()), log=st.one_of(st.none(), _names()),
+                      key=st.sampled_from(NUMBER_KEYS), number=_numbers(), step=st.integers(0, 10**7))
+    def check(name: str, out: str, log: str | None, key: str, number: object, step: int) -> None:
+        data = {**BASE, "output_dir": out, "output_name": name, key: number}
         if log is not None:
             data["log_dir"] = log
         try:
@@ -183,7 +183,6 @@ def test_fuzz_no_accepted_job_writes_outside_its_folder(tmp_path: Path) -> None:
         except ConfigError:
             return
         root = Path(cfg.output_dir).resolve()
-        assert root == (tmp_path / "out").resolve()
         for path in RunLayout.of(cfg).written_paths("0123456789ab", step):
             resolved = path.resolve()
             assert resolved == root or root in resolved.parents, (name, log, path)

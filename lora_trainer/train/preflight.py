@@ -48,7 +48,7 @@ def resolve_device(name: str) -> torch.device:
 
 def check_output_dir(folder: Path) -> None:
     """Create ``folder`` and prove a file can be written there, with some space left (StorageError if not)."""
-    with reporting_os_errors(folder):
+    with reporting_os_errors(folder, "write"):
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass

@@ -83,7 +83,6 @@ class Trainer:
         self.bus = events or EventBus()
         self.should_stop = should_stop or (lambda: False)
         self.restore_backbone = restore_backbone
-        self.output_dir = Path(cfg.output_dir)
 
     # ---- setup ------------------------------------------------------------------------------------
     def _log(self, text: str, level: str = "info") -> None:
