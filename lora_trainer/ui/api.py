@@ -15,9 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.config import config_from_dict
 from lora_trainer.errors import UserError
-from lora_trainer.ui.host import Host, launch_training
+from lora_trainer.ui.host import Host, job_config, launch_training
 from lora_trainer.ui.job import JobBusyError, TrainingJob
 from lora_trainer.ui.registry import NameTakenError
 from lora_trainer.ui.request_guard import (
@@ -66,7 +65,7 @@ def start_job_route(job: TrainingJob, host: Host, payload: Any) -> Response:
     """POST /jobs: validate the JSON config and start it (202); 409 while busy or when the LoRA name is taken
     (unless ``overwrite``), 422 for a bad config."""
     try:
-        cfg = config_from_dict(payload, require=False)
+        cfg = job_config(host, payload)
         if not cfg.train_data_dir or not Path(cfg.train_data_dir).is_dir():
             raise UserError(f"train_data_dir: image folder {cfg.train_data_dir!r} does not exist")
         launch_training(host, job, cfg, background=True)

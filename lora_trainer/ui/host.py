@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import TrainConfig, config_from_dict
 from lora_trainer.errors import UserError
 from lora_trainer.ui.job import TrainingJob
 from lora_trainer.ui.registry import check_name_free, register_lora
@@ -109,6 +109,16 @@ class StandaloneHost(BaseHost):
 
     def base_model_path(self) -> str | None:
         return str(self.base_model) if self.base_model else None
+
+
+def job_config(host: Host, data: Any) -> TrainConfig:
+    """A job from the tab or the API, validated; without ``output_dir`` it writes to the host's output folder
+    (the WebUI's Settings -> LoRA Train), not to the process's working folder."""
+    if isinstance(data, dict) and not data.get("output_dir"):
+        folder = host.defaults().get("output_dir")
+        if folder:
+            data = {**data, "output_dir": str(folder)}
+    return config_from_dict(data, require=False)
 
 
 def install_result(host: Host, cfg: TrainConfig, result: Any, backbone: Any) -> str | None:

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from lora_trainer.config import FIELDS, ConfigError, TrainConfig, config_from_dict, dump_config
 from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text
-from lora_trainer.ui.host import Host, launch_training
+from lora_trainer.ui.host import Host, job_config, launch_training
 from lora_trainer.ui.job import JobBusyError, TrainingJob, current_job
 
 BASIC_ROWS = (("output_name", "trigger_word", "overwrite"), ("lora_rank", "learning_rate", "batch_size"),
@@ -314,10 +314,12 @@ def load_yaml_ui(file: Any, *values: Any) -> list[Any]:
     return [*config_to_values(cfg), f"Loaded {path.name}."]
 
 
-def save_yaml_ui(*values: Any) -> tuple[str | None, str]:
-    """Write the settings as YAML to ``<output_dir>/<output_name>.train.yaml``; returns (file to offer, status)."""
+def save_yaml_ui(*values: Any, host: Host | None = None) -> tuple[str | None, str]:
+    """Write the settings as YAML to ``<output_dir>/<output_name>.train.yaml``; returns (file to offer, status).
+
+    An empty output folder is the ``host``'s (the WebUI's Settings)."""
     try:
-        cfg = values_to_config(values)
+        cfg = job_config(host, values_to_dict(values)) if host is not None else values_to_config(values)
     except UserError as err:
         return None, f"Not saved: {err}"
     text = dump_config(cfg)
@@ -467,7 +469,7 @@ def running_form_ui(job: TrainingJob, *values: Any) -> list[Any]:
 def start_training_ui(host: Host, job: TrainingJob, *values: Any) -> str:
     """Validate the settings and start the job in the background; returns the status HTML."""
     try:
-        cfg = values_to_config(values)
+        cfg = job_config(host, values_to_dict(values))
         if not cfg.train_data_dir or not Path(cfg.train_data_dir).is_dir():
             raise ConfigError(f"train_data_dir: image folder {cfg.train_data_dir!r} does not exist")
         launch_training(host, job, cfg, background=True)
@@ -622,7 +624,7 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         yaml_in.upload(with_message_html(load_yaml_ui, -1), inputs=[yaml_in, *inputs],
                        outputs=[*inputs, settings_status])
         def save_and_offer(*values: Any) -> tuple[Any, str]:
-            file, note = save_yaml_ui(*values)
+            file, note = save_yaml_ui(*values, host=host)
             return gr.update(value=file, visible=file is not None), note
 
         save_yaml.click(with_message_html(save_and_offer, 1), inputs=inputs, outputs=[yaml_out, settings_status])

@@ -230,3 +230,16 @@ def test_a_chunked_body_is_read_only_up_to_the_limit(tmp_path):
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 413 and not job.started
     assert sum(pulled) <= MAX_BODY_BYTES + 2 * len(chunk)
+
+
+def test_a_job_without_output_dir_writes_to_the_settings_folder(tmp_path):
+    """Not to the WebUI's working folder: the host's output folder (Settings -> LoRA Train) is the default."""
+    settings_folder = tmp_path / "settings-out"
+    host = BaseHost(tmp_path / "Lora", {"output_dir": str(settings_folder)})
+    job = FakeJob()
+    assert api.start_job_route(job, host, {"train_data_dir": str(tmp_path)})[0] == 202
+    assert api.start_job_route(FakeJob(), host, {"train_data_dir": str(tmp_path), "output_dir": ""})[0] == 202
+    assert job.started[0][0].output_dir == str(settings_folder)
+    chosen = FakeJob()
+    api.start_job_route(chosen, host, {"train_data_dir": str(tmp_path), "output_dir": str(tmp_path / "mine")})
+    assert chosen.started[0][0].output_dir == str(tmp_path / "mine")

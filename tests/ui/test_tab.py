@@ -228,6 +228,20 @@ def test_a_page_opened_mid_run_shows_the_running_settings(make_tiny_backbone, sh
     assert job.wait(120) and tab.running_form_ui(job, *defaults) == defaults
 
 
+def test_an_empty_output_folder_is_the_settings_folder(shapes_dataset, tmp_path):
+    class Recorder(TrainingJob):
+        def start(self, cfg, *args, **kwargs):
+            self.started_with = cfg
+
+    host = FakeHost(tmp_path / "Lora", output_dir=str(tmp_path / "settings-out"))
+    job = Recorder()
+    assert "Started." in tab.start_training_ui(host, job, *ui_values(train_data_dir=str(shapes_dataset),
+                                                                     output_dir=""))
+    assert job.started_with.output_dir == str(tmp_path / "settings-out")
+    file, note = tab.save_yaml_ui(*ui_values(output_dir="", output_name="saved"), host=host)
+    assert (tmp_path / "settings-out" / "saved.train.yaml").is_file() and file, note
+
+
 def test_start_refuses_bad_settings(tmp_path):
     job = TrainingJob()
     host = FakeHost(tmp_path / "Lora")
