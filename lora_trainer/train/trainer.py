@@ -26,6 +26,7 @@ from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, SampleEvent, StepEvent
 from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
 from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.preview import write_preview
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -41,6 +42,7 @@ class TrainResult:
     checkpoint: Path | None = None
     interrupted: bool = False
     sample_paths: list[Path] = field(default_factory=list)
+    preview_path: Path | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -249,6 +251,8 @@ class Trainer:
         if writer:
             writer.close()
         result.lora_path = self._export(lora_file, progress, roots, scan, total)
+        if cfg.preview:
+            result.preview_path = self._preview(scan, progress.global_step)
         return result
 
     # ---- pieces of a step -------------------------------------------------------------------------
@@ -317,6 +321,17 @@ class Trainer:
                 writer.add_image(f"sample/{index}", np.asarray(image), step, dataformats="HWC")
         self.bus.emit(SampleEvent(step, paths, images))
         return paths
+
+    def _preview(self, scan: DatasetScan, step: int) -> Path | None:
+        """The LoRA's card picture; failing to render it costs the picture, not the saved LoRA."""
+        try:
+            path, image = write_preview(self.backbone, self.cfg, [item.caption for item in scan.items])
+        except Exception as err:  # noqa: BLE001 - the LoRA is saved already; say why there is no picture
+            self._log(f"no preview picture: rendering it failed ({type(err).__name__}: {err})", "warning")
+            return None
+        self._log(f"preview {path}")
+        self.bus.emit(SampleEvent(step, [path], [image]))
+        return path
 
     def _metadata(self, progress: ckpt.Progress, scan: DatasetScan, total: int) -> dict[str, str]:
         cfg = self.cfg

@@ -125,7 +125,7 @@ def install_result(host: Host, cfg: TrainConfig, result: Any, backbone: Any) -> 
     """Copy a finished run's LoRA into the host's Lora folder (with preview and sidecar) and refresh the list."""
     if result.lora_path is None:
         return None
-    preview = result.sample_paths[-1] if result.sample_paths else None
+    preview = result.preview_path or (result.sample_paths[-1] if result.sample_paths else None)
     base = f" on {Path(cfg.base_model).name}" if cfg.base_model else ""
     notes = f"Trained with lora-trainer{base}: {result.steps_done} steps, rank {cfg.lora_rank}."
     installed = register_lora(result.lora_path, host.lora_dir(), cfg.output_name, trigger_word=cfg.trigger_word,

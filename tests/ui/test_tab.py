@@ -197,7 +197,8 @@ def test_start_poll_and_install(make_tiny_backbone, shapes_dataset, tmp_path):
     assert job.wait(120)
     status, plot, samples = tab.poll_ui(job)
     assert 'data-status="done"' in status, status
-    assert plot.size == tab.PLOT_SIZE and len(samples) == 1 and isinstance(samples[0][0], Image.Image)
+    assert plot.size == tab.PLOT_SIZE and isinstance(samples[0][0], Image.Image)
+    assert [name for _, name in samples] == ["tab lora.preview.png", "step-000002-0.png"]  # newest first
     installed = tmp_path / "Lora" / "tab lora.safetensors"
     assert installed.is_file() and (tmp_path / "Lora" / "tab lora.preview.png").is_file()
     meta = json.loads((tmp_path / "Lora" / "tab lora.json").read_text())
@@ -207,6 +208,21 @@ def test_start_poll_and_install(make_tiny_backbone, shapes_dataset, tmp_path):
         assert lora.metadata()["ss_sd_model_name"] == "base-v15.safetensors"
     assert host.locked == 1 and host.refreshed == 1 and host.progress_calls >= 2
     assert "Nothing is running" in tab.interrupt_ui(job)
+
+
+def test_a_preview_is_installed_without_sample_prompts(make_tiny_backbone, shapes_dataset, tmp_path):
+    """The Lora card always has a picture: the run's preview, rendered by the host's sampler."""
+    host = FakeHost(tmp_path / "Lora", make_tiny_backbone)
+    job = TrainingJob()
+    values = ui_values(train_data_dir=str(shapes_dataset), output_dir=str(tmp_path / "out"), output_name="card",
+                       trigger_word="zkx", resolution=64, batch_size=4, max_steps=1, lora_rank=2, device="cpu",
+                       sample_steps=2)
+    assert "Started." in tab.start_training_ui(host, job, *values)
+    assert job.wait(120) and job.snapshot()["status"] == "done", job.snapshot()
+    installed = tmp_path / "Lora" / "card.preview.png"
+    assert (tmp_path / "Lora" / "card.safetensors").is_file() and installed.is_file()
+    with Image.open(installed) as image, Image.open(tmp_path / "out" / "card.preview.png") as rendered:
+        assert image.size == (64, 64) and np.array_equal(np.asarray(image), np.asarray(rendered))
 
 
 def test_a_page_opened_mid_run_shows_the_running_settings(make_tiny_backbone, shapes_dataset, tmp_path):
