@@ -208,10 +208,22 @@ def make_ui_captioner(host: Host, choice: str, model_path: str) -> Any:
     raise UserError(f"unknown captioner {choice!r}; choose one of: {', '.join(captioner_choices(host))}")
 
 
+def unreadable_note(folder: Path, broken: list[tuple[Path, str]], shown: int = 10) -> str:
+    """``", 3 unreadable: a.png (empty file (0 bytes)), ..."``; nothing when every image reads."""
+    if not broken:
+        return ""
+    names = [f"{p.relative_to(folder).as_posix()} ({reason})" for p, reason in broken[:shown]]
+    more = f" and {len(broken) - shown} more" if len(broken) > shown else ""
+    return f", {len(broken)} unreadable: {', '.join(names)}{more}"
+
+
 def load_caption_rows(folder: str) -> tuple[list[list[str]], str]:
-    """Every image under ``folder`` with its caption (metadata.csv, else .txt), for the editable table."""
+    """Every usable image under ``folder`` with its caption (metadata.csv, else .txt), for the editable table.
+
+    Files that do not decode are left out of the table and named in the status line with the reason.
+    """
     from lora_trainer.data.captions import load_captions
-    from lora_trainer.data.images import list_image_files
+    from lora_trainer.data.images import list_image_files, split_readable
 
     path = Path((folder or "").strip())
     if not str(folder or "").strip() or not path.is_dir():
@@ -220,10 +232,11 @@ def load_caption_rows(folder: str) -> tuple[list[list[str]], str]:
         captions = load_captions(path)
     except (UserError, OSError, ValueError) as err:
         return [], f"Cannot read captions: {err}"
-    names = [p.relative_to(path).as_posix() for p in list_image_files(path)]
+    readable, broken = split_readable(list_image_files(path))
+    names = [p.relative_to(path).as_posix() for p in readable]
     rows = [[name, captions.get(name, "")] for name in names]
     missing = sum(1 for _, caption in rows if not caption.strip())
-    return rows, f"{len(rows)} image(s), {missing} without a caption."
+    return rows, f"{len(rows)} image(s){unreadable_note(path, broken)}; {missing} without a caption."
 
 
 def as_frame(rows: list[list[Any]], headers: list[str]) -> Any:

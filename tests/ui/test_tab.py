@@ -125,7 +125,7 @@ def test_yaml_load_errors_keep_the_values(tmp_path):
 
 def test_caption_table_load_edit_save(shapes_dataset):
     rows, status = tab.load_caption_rows(str(shapes_dataset))
-    assert len(rows) == 8 and "8 image(s)" in status and all(caption for _, caption in rows)
+    assert len(rows) == 8 and status == "8 image(s); 0 without a caption." and all(caption for _, caption in rows)
     rows[0][1] = "  edited caption  "
     assert "Saved 8 caption(s)" in tab.save_caption_rows(str(shapes_dataset), rows)
     assert read_metadata_csv(shapes_dataset / "metadata.csv")[rows[0][0]] == "edited caption"
@@ -135,6 +135,18 @@ def test_caption_table_load_edit_save(shapes_dataset):
     assert "not an image" in tab.save_caption_rows(str(shapes_dataset), [*rows, ["ghost.png", "x"]])
     assert (shapes_dataset / "metadata.csv").read_text() == before
     assert "does not exist" in tab.load_caption_rows(str(shapes_dataset / "nope"))[1]
+
+
+def test_caption_table_counts_only_usable_images(shapes_dataset):
+    """Broken files are not images: they leave the count and the table and are named with the reason."""
+    (shapes_dataset / "a.png").write_bytes(b"")
+    (shapes_dataset / "b.jpg").write_bytes(b"not an image at all")
+    first = sorted(shapes_dataset.glob("*.png"))[1].read_bytes()
+    (shapes_dataset / "c.png").write_bytes(first[: len(first) // 2])
+    rows, status = tab.load_caption_rows(str(shapes_dataset))
+    assert len(rows) == 8 and not {"a.png", "b.jpg", "c.png"} & {name for name, _ in rows}
+    assert status.startswith("8 image(s), 3 unreadable: a.png (empty file (0 bytes)), b.jpg (not an image"), status
+    assert "c.png (truncated or corrupt image data)" in status and status.endswith("; 0 without a caption.")
 
 
 def test_caption_with_a_host_captioner(tmp_path):
