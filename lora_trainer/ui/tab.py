@@ -404,6 +404,11 @@ def status_html(snap: dict[str, Any], note: str = "") -> str:
         parts.append(f"<div>Installed: {esc(snap['lora_file'])}</div>")
     elif snap.get("result_path"):
         parts.append(f"<div>Saved: {esc(snap['result_path'])}</div>")
+    resumable = snap.get("resumable")
+    if resumable:
+        parts.append(f'<div class="lora_train_resumable">Resumable: {esc(str(resumable.get("output_name")))} stopped '
+                     f'at step {esc(str(resumable.get("step")))}/{esc(str(resumable.get("total_steps")))} '
+                     f'(checkpoint {esc(str(resumable.get("checkpoint")))})</div>')
     if snap.get("checkpoint") and status != "done":
         parts.append(f"<div>Checkpoint: {esc(snap['checkpoint'])} (resume_from: latest)</div>")
     if note:
@@ -473,10 +478,14 @@ def poll_ui(job: TrainingJob) -> tuple[str, Image.Image, list]:
     return status_html(snap), render_loss_plot(job.all_losses()), _sample_images(tuple(paths))
 
 
-def running_form_ui(job: TrainingJob, *values: Any) -> list[Any]:
-    """The running job's settings, for a page opened mid-run (its form would show the defaults); else ``values``."""
+def job_form_ui(job: TrainingJob, *values: Any) -> list[Any]:
+    """The settings of the job that runs or ran last (finished, interrupted or failed), else ``values``.
+
+    A freshly opened page (a reload, a second browser tab) asks once, so its form matches the status below it
+    instead of showing the defaults; a page already open keeps what the user typed.
+    """
     cfg = job.config
-    return config_to_values(cfg) if job.running and cfg is not None else list(values)
+    return config_to_values(cfg) if cfg is not None else list(values)
 
 
 def start_training_ui(host: Host, job: TrainingJob, *values: Any) -> str:
@@ -602,8 +611,8 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                     start_button = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
                     stop_button = gr.Button("Interrupt", elem_id="lora_train_interrupt")
                     refresh = gr.Button("Refresh", visible=False, elem_id="lora_train_refresh")
-                    show_running = gr.Button("Show the running job's settings", visible=False,
-                                             elem_id="lora_train_show_running")
+                    show_job = gr.Button("Show the last job's settings", visible=False,
+                                         elem_id="lora_train_show_job")
                 status = gr.HTML(status_html(job.snapshot()), elem_id="lora_train_status")
                 with gr.Row():
                     plot = gr.Image(value=render_loss_plot(job.all_losses()), label="Loss", type="pil",
@@ -645,7 +654,7 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         stop_button.click(functools.partial(interrupt_ui, job), outputs=[status])
         poll = functools.partial(poll_ui, job)
         refresh.click(poll, outputs=[status, plot, samples], show_progress="hidden")
-        show_running.click(functools.partial(running_form_ui, job), inputs=inputs, outputs=inputs,
+        show_job.click(functools.partial(job_form_ui, job), inputs=inputs, outputs=inputs,
                            show_progress="hidden")
         if poll_every:
             blocks.load(poll, outputs=[status, plot, samples], every=poll_every)

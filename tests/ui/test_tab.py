@@ -196,6 +196,10 @@ def test_loss_plot_and_status_html():
     assert plot.mode == "RGBA" and pixels[5, tab.PLOT_SIZE[0] // 2, 3] == 0  # transparent: fits either theme
     html = tab.status_html({"status": "failed", "error": "<bad> & wrong", "progress": 0.5}, note="n")
     assert 'data-status="failed"' in html and "&lt;bad&gt; &amp; wrong" in html
+    resumable = {"output_name": "<mine>", "step": 30, "total_steps": 40, "checkpoint": "/out/step-000030"}
+    html = tab.status_html({**TrainingJob().snapshot(), "resumable": resumable})
+    assert "Resumable: &lt;mine&gt; stopped at step 30/40 (checkpoint /out/step-000030)" in html
+    assert "Resumable" not in tab.status_html(TrainingJob().snapshot())
 
 
 def test_start_poll_and_install(make_tiny_backbone, shapes_dataset, tmp_path):
@@ -242,32 +246,40 @@ def test_a_page_opened_mid_run_shows_the_running_settings(make_tiny_backbone, sh
     host = FakeHost(tmp_path / "Lora", lambda: gate.wait(60) and make_tiny_backbone())
     job = TrainingJob()
     running = ui_values(train_data_dir=str(shapes_dataset), output_dir=str(tmp_path / "out"), output_name="mid run",
-                        resolution=64, batch_size=4, max_steps=1, lora_rank=4, device="cpu")
+                        resolution=64, batch_size=4, max_steps=1, lora_rank=4, device="cpu", sample_steps=2)
     defaults = ui_values()
-    assert tab.running_form_ui(job, *defaults) == defaults  # nothing running: the form stays as it is
+    assert tab.job_form_ui(job, *defaults) == defaults  # no job yet: the form stays as it is
     assert "Started." in tab.start_training_ui(host, job, *running)
     try:
-        shown = tab.running_form_ui(job, *defaults)
+        shown = tab.job_form_ui(job, *defaults)
         assert shown[tab.CONFIG_KEYS.index("output_name")] == "mid run"
         assert shown[tab.CONFIG_KEYS.index("lora_rank")] == running[tab.CONFIG_KEYS.index("lora_rank")]
         assert tab.values_to_config(shown).max_steps == 1
     finally:
         gate.set()
-    assert job.wait(120) and tab.running_form_ui(job, *defaults) == defaults
+    assert job.wait(120) and job.snapshot()["status"] == "done"
 
 
-def test_an_empty_output_folder_is_the_settings_folder(shapes_dataset, tmp_path):
-    class Recorder(TrainingJob):
-        def start(self, cfg, *args, **kwargs):
-            self.started_with = cfg
+@pytest.mark.parametrize("ending", ["done", "interrupted", "failed"])
+def test_a_page_reloaded_after_a_run_shows_its_settings(make_tiny_backbone, shapes_dataset, tmp_path, ending):
+    """Not the defaults under the status of the job that just ended, whichever way it ended."""
+    def backbone():
+        if ending == "failed":
+            raise RuntimeError("no model")
+        return make_tiny_backbone()
 
-    host = FakeHost(tmp_path / "Lora", output_dir=str(tmp_path / "settings-out"))
-    job = Recorder()
-    assert "Started." in tab.start_training_ui(host, job, *ui_values(train_data_dir=str(shapes_dataset),
-                                                                     output_dir=""))
-    assert job.started_with.output_dir == str(tmp_path / "settings-out")
-    file, note = tab.save_yaml_ui(*ui_values(output_dir="", output_name="saved"), host=host)
-    assert (tmp_path / "settings-out" / "saved.train.yaml").is_file() and file, note
+    host = FakeHost(tmp_path / "Lora", backbone)
+    host.interrupted = lambda: ending == "interrupted"  # the WebUI's Interrupt, pressed before the first step
+    job = TrainingJob()
+    ran = ui_values(train_data_dir=str(shapes_dataset), output_dir=str(tmp_path / "out"), output_name="last run",
+                    trigger_word="zkx", resolution=64, batch_size=4, max_steps=1, lora_rank=2, device="cpu",
+                    sample_steps=2)
+    assert "Started." in tab.start_training_ui(host, job, *ran)
+    assert job.wait(120) and job.snapshot()["status"] == ending, job.snapshot()
+    shown = tab.job_form_ui(job, *ui_values())
+    cfg = tab.values_to_config(shown)
+    assert (cfg.output_name, cfg.trigger_word, cfg.lora_rank, cfg.resolution) == ("last run", "zkx", 2, 64)
+    assert cfg.train_data_dir == str(shapes_dataset)
 
 
 def test_start_refuses_bad_settings(tmp_path):
