@@ -110,6 +110,9 @@ class TrainConfig:
     sample_every: int = _opt(0, "Render samples every N updates (0: only at the end when prompts are set).",
                              low=0, high=rules.MAX_TOTAL_STEPS)
     sample_steps: int = _opt(20, "Denoising steps per sample image.", low=1, high=150)
+    # preview: the picture of the LoRA's card
+    preview: bool = _opt(True, "Render one picture with the trigger word (and the first sample prompt) at the end "
+                         "of a finished run: <output_name>.preview.png, installed with the LoRA in the WebUI.")
 
     # ---- derived helpers -------------------------------------------------------------------------
     def resolved_log_dir(self) -> Path:

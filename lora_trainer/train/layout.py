@@ -35,6 +35,11 @@ class RunLayout:
         return inside(self.output_dir, f"{self.output_name}.config.yaml")
 
     @property
+    def preview_file(self) -> Path:
+        """``<name>.preview.png`` beside the LoRA (the picture of its card in the WebUI)."""
+        return inside(self.output_dir, f"{self.output_name}.preview.png")
+
+    @property
     def checkpoints_root(self) -> Path:
         return inside(self.output_dir, CHECKPOINT_DIR)
 
@@ -65,5 +70,6 @@ class RunLayout:
 
     def written_paths(self, run_id: str, step: int = 1) -> list[Path]:
         """Every path a run of this layout writes (files, or folders it writes into)."""
-        return [self.output_dir, self.lora_file, self.config_file, self.checkpoints_root, self.run_dir(run_id),
-                self.checkpoint_dir(run_id, step), self.samples_dir, self.sample_file(step, 0), self.log_dir]
+        return [self.output_dir, self.lora_file, self.config_file, self.preview_file, self.checkpoints_root,
+                self.run_dir(run_id), self.checkpoint_dir(run_id, step), self.samples_dir, self.sample_file(step, 0),
+                self.log_dir]

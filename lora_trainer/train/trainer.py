@@ -30,6 +30,7 @@ from lora_trainer.train.layout import RunLayout
 from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
 from lora_trainer.train.optim import build_optimizer, build_scheduler
 from lora_trainer.train.preflight import StepPlan, resolve_device
+from lora_trainer.train.preview import write_preview
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -45,6 +46,7 @@ class TrainResult:
     checkpoint: Path | None = None
     interrupted: bool = False
     sample_paths: list[Path] = field(default_factory=list)
+    preview_path: Path | None = None
 
 
 class NonFiniteLossError(UserError):
@@ -300,6 +302,8 @@ class Trainer:
         result.lora_path = self._export(layout, progress, roots, scan, total)
         atomic_write_text(layout.config_file, dump_config(cfg))  # only now: a failed run leaves the old one
         runs.mark_finished(plan, result.lora_path)
+        if cfg.preview:
+            result.preview_path = self._preview(scan, progress.global_step)
         return result
 
     def _non_finite_message(self, loss: float, step: int, total: int, checkpoint: Path | None) -> str:
@@ -379,6 +383,17 @@ class Trainer:
                 writer.add_image(f"sample/{index}", np.asarray(image), step, dataformats="HWC")
         self.bus.emit(SampleEvent(step, paths, images))
         return paths
+
+    def _preview(self, scan: DatasetScan, step: int) -> Path | None:
+        """The LoRA's card picture; failing to render it costs the picture, not the saved LoRA."""
+        try:
+            path, image = write_preview(self.backbone, self.cfg, [item.caption for item in scan.items])
+        except Exception as err:  # noqa: BLE001 - the LoRA is saved already; say why there is no picture
+            self._log(f"no preview picture: rendering it failed ({type(err).__name__}: {err})", "warning")
+            return None
+        self._log(f"preview {path}")
+        self.bus.emit(SampleEvent(step, [path], [image]))
+        return path
 
     def _metadata(self, progress: ckpt.Progress, scan: DatasetScan, total: int) -> dict[str, str]:
         cfg = self.cfg

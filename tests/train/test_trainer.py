@@ -20,6 +20,7 @@ def make_config(data: Path, out: Path, **overrides):
         "train_data_dir": str(data), "base_model": "unused-backbone-given", "output_dir": str(out),
         "output_name": "test_lora", "resolution": 64, "batch_size": 4, "learning_rate": 2e-3,
         "lora_rank": 4, "lora_alpha": 4, "max_steps": 6, "seed": 7, "device": "cpu",
+        "sample_steps": 2,  # the end-of-run preview stays cheap
     }
     settings.update(overrides)
     return config_from_dict(settings)
