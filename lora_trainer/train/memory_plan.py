@@ -35,6 +35,8 @@ from torch.utils._pytree import tree_map
 GIB = 2**30
 HEADROOM = 0.9  # plan for 90 % of the free memory: allocator fragmentation, the CUDA context's own buffers
 MIN_AUTO_RESOLUTION = 256
+#: Blocks gradient checkpointing recomputes one at a time (diffusers and the original LDM code).
+CHECKPOINT_UNITS = ("ResnetBlock2D", "BasicTransformerBlock", "ResBlock")
 
 
 @dataclass(frozen=True)
@@ -223,39 +225,80 @@ def _fused_attention() -> Iterator[None]:
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-def _meta_like(value: Any, dtype: torch.dtype, batch: int) -> Any:
-    """A meta copy of a conditioning structure, repeated to ``batch`` along the first dimension."""
+def _meta_like(value: Any, dtype: torch.dtype) -> Any:
+    """A meta copy of a conditioning structure (floating-point tensors in ``dtype``)."""
     def convert(t: Any) -> Any:
         if not torch.is_tensor(t):
             return t
-        kind = dtype if t.is_floating_point() else t.dtype
-        return torch.empty((batch, *t.shape[1:]) if t.dim() else (), device="meta", dtype=kind)
+        return torch.empty(t.shape, device="meta", dtype=dtype if t.is_floating_point() else t.dtype)
     return tree_map(convert, value)
 
 
-def step_peak(backbone: Any, roots: dict[str, nn.Module], resolution: int, checkpointing: bool,
-              dtype: torch.dtype, batch: int) -> tuple[int, int]:
-    """Peak bytes a training step's denoiser pass adds (forward, loss, backward), and those of one VAE encode of
-    ``batch`` images: a dry run of the backbone's own code on the ``meta`` device, measured by
-    :class:`~lora_trainer.train.memory_meter.TensorMemoryMeter`.
+def _structure_key(backbone: Any, roots: dict[str, nn.Module], *settings: Any) -> tuple:
+    shapes = tuple((name, tuple(p.shape), p.dtype, p.requires_grad) for root in roots.values()
+                   for name, p in root.named_parameters())
+    return (type(backbone).__name__, shapes, *settings)
 
-    Every parameter and buffer is swapped for a meta tensor of the same shape (in ``dtype``, as under autocast),
-    so nothing is allocated or computed; attention runs as the fused kernel does (no attention matrix).
+
+_DRY_RUNS: dict[tuple, tuple[int, int, int]] = {}
+
+
+def dry_run(backbone: Any, roots: dict[str, nn.Module], resolution: int, checkpointing: bool,
+            dtype: torch.dtype) -> tuple[int, int, int]:
+    """Per sample: bytes autograd keeps for the backward pass, bytes of the largest block the backward pass
+    recomputes (with checkpointing; else 0), and the peak bytes of one VAE encode.
+
+    A dry run of the backbone's own ``predict`` and ``encode_images`` on the ``meta`` device: every parameter and
+    buffer is swapped for a meta tensor of the same shape (floating point in ``dtype``, as under autocast), so
+    nothing is allocated or computed; attention runs as the fused kernels do (no attention matrix). Results are
+    remembered per model structure and setting.
     """
-    devices = [backbone.device] if backbone.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():  # the run's random stream is left untouched
-        conditioning = backbone.encode_prompts([""])
-    with torch.random.fork_rng(devices=devices):
-        return _dry_step(backbone, roots, _meta_like(conditioning, dtype, batch), resolution, checkpointing,
-                         dtype, batch)
+    key = _structure_key(backbone, roots, resolution, checkpointing, dtype)
+    if key not in _DRY_RUNS:
+        devices = [backbone.device] if backbone.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():  # the run's random stream is untouched
+            conditioning = backbone.encode_prompts([""])
+        with torch.random.fork_rng(devices=devices):
+            _DRY_RUNS[key] = _dry_run(backbone, roots, _meta_like(conditioning, dtype), resolution, checkpointing,
+                                      dtype)
+    return _DRY_RUNS[key]
 
 
-def _dry_step(backbone: Any, roots: dict[str, nn.Module], conditioning: Any, resolution: int, checkpointing: bool,
-              dtype: torch.dtype, batch: int) -> tuple[int, int]:
+def _kept_for_backward(run, weights: set[int], units: list[nn.Module]) -> tuple[int, int]:
+    """Bytes of the tensors autograd keeps during ``run()`` (weights excluded) and the most kept inside one of
+    ``units`` (the blocks gradient checkpointing recomputes one at a time)."""
+    kept: dict[int, torch.UntypedStorage] = {}
+    per_unit: dict[int, int] = {}
+    active: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in weights and key not in kept:
+            kept[key] = storage  # held, so that no other storage takes its identity meanwhile
+            for unit in active:
+                per_unit[unit] = per_unit.get(unit, 0) + storage.nbytes()
+        return tensor
+
+    handles = [handle for unit in units for handle in (
+        unit.register_forward_pre_hook(lambda m, _args: active.append(id(m))),
+        unit.register_forward_hook(lambda m, _args, _out: active.remove(id(m))))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(s.nbytes() for s in kept.values()), max(per_unit.values(), default=0)
+
+
+def _dry_run(backbone: Any, roots: dict[str, nn.Module], conditioning: Any, resolution: int, checkpointing: bool,
+             dtype: torch.dtype) -> tuple[int, int, int]:
     from lora_trainer.train.memory_meter import TensorMemoryMeter
 
     modules = list(roots.values())
     encoders = [m for m in backbone.frozen_modules() if all(m is not r for r in modules)]
+    units = [m for root in modules for m in root.modules() if type(m).__name__ in CHECKPOINT_UNITS]
     side = resolution // 8
     device = backbone.device
     was_training = {m: m.training for m in modules}
@@ -263,20 +306,23 @@ def _dry_step(backbone: Any, roots: dict[str, nn.Module], conditioning: Any, res
     try:
         for module in modules:
             module.train()
-        backbone.set_gradient_checkpointing(checkpointing)
         with _meta_tensors(modules + encoders, dtype if dtype != torch.float32 else None), _fused_attention():
-            noisy = torch.empty(batch, 4, side, side, device="meta", dtype=dtype)
-            timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
-            with TensorMemoryMeter("meta") as step, torch.enable_grad():
-                pred = backbone.predict(noisy, timesteps, conditioning).float()
-                loss = torch.nn.functional.mse_loss(pred, torch.empty_like(pred))
-                del pred
-                loss.backward()
-                del loss
-            pixels = torch.empty(batch, 3, resolution, resolution, device="meta")
+            weights = {t.untyped_storage()._cdata for m in modules for t in [*m.parameters(), *m.buffers()]}
+            noisy = torch.empty(1, 4, side, side, device="meta", dtype=dtype)
+            timesteps = torch.zeros(1, dtype=torch.long, device="meta")
+
+            def forward() -> None:
+                backbone.predict(noisy, timesteps, conditioning)
+
+            backbone.set_gradient_checkpointing(False)
+            kept, largest_unit = _kept_for_backward(forward, weights, units)
+            if checkpointing:
+                backbone.set_gradient_checkpointing(True)
+                kept = _kept_for_backward(forward, weights, [])[0]
+            pixels = torch.empty(1, 3, resolution, resolution, device="meta")
             with TensorMemoryMeter("meta") as encode, torch.no_grad():
                 backbone.encode_images(pixels)
-        return step.peak, encode.peak
+        return kept, largest_unit if checkpointing else 0, encode.peak
     finally:
         backbone.device = device
         backbone.set_gradient_checkpointing(False)
@@ -287,9 +333,8 @@ def _dry_step(backbone: Any, roots: dict[str, nn.Module], conditioning: Any, res
 # ---- the estimate and the ladder -------------------------------------------------------------------------------
 @dataclass
 class Model:
-    """What the estimate needs from a run, gathered once; ``dry_run(resolution, checkpointing, batch)`` returns
-    the (step, encode) peaks of :func:`step_peak`. Both grow linearly with the batch: two dry runs (batch 1 and 2)
-    per resolution and checkpointing setting give every batch size."""
+    """What the estimate needs from a run, gathered once; ``dry_run(resolution, checkpointing)`` gives the
+    per-sample figures of :func:`dry_run` (kept activations, recomputed block, VAE encode peak)."""
 
     weights: dict[str, int]
     lora_parameters: int
@@ -298,28 +343,30 @@ class Model:
     prompt_bytes: int
     dry_run: Any = None
     failure: str | None = None
-    _runs: dict[tuple[int, bool], tuple[tuple[int, int], tuple[int, int]] | None] = field(default_factory=dict)
 
-    def peaks(self, resolution: int, checkpointing: bool, batch: int) -> tuple[int | None, int | None]:
-        key = (resolution, checkpointing)
-        if key not in self._runs:
-            try:
-                self._runs[key] = (self.dry_run(resolution, checkpointing, 1),
-                                   self.dry_run(resolution, checkpointing, 2))
-            except Exception as error:  # noqa: BLE001 - a model the dry run cannot run gets no activation figure
-                self.failure = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-                self._runs[key] = None
-        runs = self._runs[key]
-        if runs is None:
-            return None, None
-        (step1, encode1), (step2, encode2) = runs
-        return step1 + (batch - 1) * (step2 - step1), encode1 + (batch - 1) * (encode2 - encode1)
+    def per_sample(self, resolution: int, checkpointing: bool) -> tuple[int, int, int] | None:
+        if self.dry_run is None:
+            return None
+        try:
+            return self.dry_run(resolution, checkpointing)
+        except Exception as error:  # noqa: BLE001 - a model the dry run cannot run gets no activation figure
+            self.failure = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            return None
 
 
 def estimate(model: Model, settings: Settings, cached_latents: bool) -> Estimate:
-    step, encode = model.peaks(settings.resolution, settings.gradient_checkpointing, settings.batch_size)
-    if cached_latents and encode is not None:  # encoded one image at a time, before training
-        encode = model.peaks(settings.resolution, settings.gradient_checkpointing, 1)[1]
+    """The peak of a run at ``settings``.
+
+    A training step's peak comes early in the backward pass: the kept activations of the whole batch, plus (with
+    checkpointing) the largest block recomputed, plus the gradient flowing through it (as large again), plus the
+    LoRA gradients. Latents are encoded one image at a time when cached, a batch at a time otherwise.
+    """
+    figures = model.per_sample(settings.resolution, settings.gradient_checkpointing)
+    step = encode = None
+    if figures is not None:
+        kept, recomputed, encode_one = figures
+        step = settings.batch_size * (kept + 2 * recomputed) + model.lora_parameters * 4
+        encode = encode_one * (1 if cached_latents else settings.batch_size)
     caches = cache_bytes(model.num_latents if cached_latents else 0, settings.resolution, model.num_prompts,
                          model.prompt_bytes)
     return Estimate(weights=dict(model.weights), lora=model.lora_parameters * 4,
@@ -389,8 +436,7 @@ def plan_run(cfg: Any, backbone: Any, roots: dict[str, nn.Module], device: torch
         weights=component_weights(backbone, device), lora_parameters=lora_parameter_count(roots),
         num_latents=num_latents, num_prompts=len(text_cache or {}),
         prompt_bytes=0 if prompt is None else prompt.numel() * prompt.element_size(),
-        dry_run=lambda resolution, checkpointing, batch: step_peak(backbone, roots, resolution, checkpointing,
-                                                                   dtype, batch))
+        dry_run=lambda resolution, checkpointing: dry_run(backbone, roots, resolution, checkpointing, dtype))
     if device.type == "cpu" and budget is not None:
         budget += resident_bytes(backbone.frozen_modules(), device)  # the loaded model is part of the estimate
     plan = plan_memory(model, Settings.of(cfg), budget=budget, budget_source=source, device=device,
