@@ -32,6 +32,7 @@ from lora_trainer.train.micro_batches import MicroBatches
 from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
 from lora_trainer.train.oom_guard import OOM_ERRORS, OomGuard, SpillWatch, device_memory_fraction
 from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.transfer import to_device
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -319,7 +320,7 @@ class Trainer:
         else:
             cond = backbone.encode_prompts(captions)
         model_dtype = getattr(backbone, "dtype", torch.float32)
-        pred = backbone.predict(noisy.to(model_dtype), timesteps.to(device), cond).float()
+        pred = backbone.predict(noisy.to(model_dtype), to_device(timesteps, device), cond).float()
         target = training_target(x0, noise, timesteps, backbone.alphas_cumprod, backbone.prediction_type)
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
