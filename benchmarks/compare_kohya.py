@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from sizes import SD15_WIDTHS, build_sd15  # noqa: E402
 
 UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 CLOCK = REPO / "benchmarks" / "step_clock.py"
+STEP_CLOCK = re.compile(r"STEP_CLOCK (\d+\.\d+)")
 
 
 def write_checkpoint(path: Path, size: str) -> None:
@@ -79,8 +81,13 @@ def our_command(args, work: Path, checkpoint: Path, images: Path, out: Path) -> 
 
 
 def kohya_command(args, work: Path, checkpoint: Path, images: Path, out: Path) -> list[str]:
+    probe = subprocess.run([args.kohya_python, "-c", "import torchvision"], capture_output=True, text=True)
+    shim = ["--torchvision-shim"] if "torchvision::nms does not exist" in probe.stderr else []
+    if shim:
+        print("kohya's environment has a CUDA build of torchvision: its two C++ operators are declared for the "
+              "import (step_clock.py --torchvision-shim)")
     command = [
-        args.kohya_python, str(CLOCK), "--unet-width", str(SD15_WIDTHS[args.size]), "--",
+        args.kohya_python, str(CLOCK), "--unet-width", str(SD15_WIDTHS[args.size]), *shim, "--",
         str(Path(args.sd_scripts) / "train_network.py"),
         "--pretrained_model_name_or_path", str(checkpoint), "--train_data_dir", str(images.parent),
         "--output_dir", str(out), "--output_name", "kohya", "--save_model_as", "safetensors",
@@ -105,12 +112,9 @@ def run_once(name: str, command: list[str], cwd: Path, env: dict, log: Path) -> 
     lines: list[str] = []
 
     def read() -> None:
-        for line in process.stdout:
-            for part in line.replace("\r", "\n").splitlines():
-                if part.startswith("STEP_CLOCK "):
-                    clocks.append(float(part.split()[1]))
-                else:
-                    lines.append(part)
+        for line in process.stdout:  # progress bars redraw with \r: a clock can follow one on the same line
+            clocks.extend(float(value) for value in STEP_CLOCK.findall(line))
+            lines.extend(part for part in STEP_CLOCK.sub("", line).replace("\r", "\n").splitlines() if part.strip())
 
     reader = threading.Thread(target=read)
     reader.start()

@@ -5,7 +5,9 @@
     python benchmarks/step_clock.py -- -m lora_trainer train --config c.yaml  # a module
 
 ``--unet-width`` sets kohya sd-scripts' SD1.5 UNet width constants (320 in its code) before the script runs, so
-that it can load the mid-size benchmark checkpoint; nothing else of the script is touched.
+that it can load the mid-size benchmark checkpoint; nothing else of the script is touched. ``--torchvision-shim``
+declares the two operators torchvision's import needs when its compiled part cannot load (PyPI's torchvision is
+built for CUDA torch; kohya imports only ``torchvision.transforms`` from it, which is plain Python).
 """
 
 from __future__ import annotations
@@ -39,11 +41,22 @@ def _kohya_unet_width(width: int) -> None:
     model_util.UNET_PARAMS_MODEL_CHANNELS = width
 
 
+def _torchvision_shim() -> None:
+    import torch
+
+    global _SHIM  # kept alive: the operator definitions live as long as the Library object
+    _SHIM = torch.library.Library("torchvision", "DEF")
+    for name in ("nms", "qnms"):
+        _SHIM.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
 def main() -> None:
     args = sys.argv[1:]
     split = args.index("--")
     options, target = args[:split], args[split + 1:]
     _clock_optimizer()
+    if "--torchvision-shim" in options:
+        _torchvision_shim()
     if target[0] != "-m":
         sys.path.insert(0, str(Path(target[0]).resolve().parent))
     if "--unet-width" in options:

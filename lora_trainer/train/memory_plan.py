@@ -1,22 +1,21 @@
 """The memory plan: the expected peak device memory of a run, before its first step, and the ladder that fits it.
 
-The estimate adds up what a training step holds at its peak:
+The estimate adds up what the run holds at its peak:
 
 - the frozen weights on the device, per component (UNet, text encoders, VAE), in their dtype;
-- the LoRA weights (float32), their gradients and the optimizer state (AdamW: two float32 moments; 8-bit AdamW:
-  two bytes per parameter);
+- the LoRA weights (float32) and the optimizer state (AdamW: two float32 moments; 8-bit AdamW: two bytes);
 - the cached latents and text-encoder outputs;
-- the activations autograd keeps for the backward pass, measured by a dry run of the real denoiser on the ``meta``
-  device (its parameters swapped for meta tensors of the same shapes and dtypes: no memory, no arithmetic), with
-  attention as the fused kernels the training step uses (flash / memory-efficient: output and log-sum-exp kept, no
-  attention matrix). With gradient checkpointing, only the checkpointed blocks' inputs are kept, plus the largest
-  block recomputed in the backward pass. Activations scale with the batch.
+- the larger of what a training step adds at its peak and what a VAE encode adds. The step's part comes from a
+  dry run of the model's own forward pass on the ``meta`` device (parameters swapped for meta tensors of the same
+  shapes and dtypes: no memory, no arithmetic), counting the tensors autograd keeps for the backward pass, with
+  attention as the fused kernels the step uses (output and log-sum-exp kept, no attention matrix). With gradient
+  checkpointing, only what the checkpointed blocks keep, plus the largest block recomputed in the backward pass and
+  its gradient. It scales with the batch; the LoRA gradients are added.
 
 When the peak does not fit the device's free memory, :func:`plan_memory` walks the ladder: batch down with gradient
-accumulation up (same effective batch), gradient checkpointing, 8-bit AdamW, cached text-encoder outputs, then, only
-with ``auto_fit: true``, a lower resolution. The same ladder serves a real out-of-memory error mid-run
-(:mod:`lora_trainer.train.oom_guard`).
-"""
+accumulation up (same effective batch), gradient checkpointing, 8-bit AdamW, cached text-encoder outputs (always on
+when the text encoder is frozen; reported), then, only with ``auto_fit: true``, a lower resolution. The same ladder
+serves a real out-of-memory error mid-run (:mod:`lora_trainer.train.oom_guard`)."""
 
 from __future__ import annotations
 
