@@ -55,10 +55,11 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(checkpointing, batch
 
 
 def fake_model(per_sample: int) -> Model:
-    """Weights 100 MiB; a step adds ``per_sample`` per image (a quarter with checkpointing), encode 1 MiB."""
-    def dry_run(resolution: int, checkpointing: bool, batch: int) -> tuple[int, int]:
-        scale = (resolution / 512) ** 2 / (4 if checkpointing else 1)
-        return int(batch * per_sample * scale), MIB
+    """Weights 100 MiB; per image a step keeps ``per_sample`` (an eighth with checkpointing, plus a recomputed
+    block of a sixteenth), scaling with the pixels; an encode adds 1 MiB."""
+    def dry_run(resolution: int, checkpointing: bool) -> tuple[int, int, int]:
+        scaled = per_sample * (resolution / 512) ** 2
+        return (int(scaled / 8), int(scaled / 16), MIB) if checkpointing else (int(scaled), 0, MIB)
     return Model(weights={"unet": 100 * MIB}, lora_parameters=1000, num_latents=0, num_prompts=0, prompt_bytes=0,
                  dry_run=dry_run)
 
@@ -82,7 +83,8 @@ def test_ladder_halves_the_batch_then_checkpoints_then_lowers_resolution_only_wi
     assert any("auto_fit: true" in note for note in tight.notes)
     fitted = plan_memory(fake_model(400 * MIB), settings, budget=budget, budget_source="test", device=cpu,
                          cached_latents=True, auto_fit=True)
-    assert fitted.fits and fitted.changes[-1] == "resolution 448 -> 384 (auto_fit)"
+    assert fitted.fits and fitted.changes[-3:] == ["gradient_checkpointing on", "resolution 512 -> 448 (auto_fit)",
+                                                   "resolution 448 -> 384 (auto_fit)"]
     assert fitted.settings.resolution == 384
 
 
