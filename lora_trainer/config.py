@@ -85,6 +85,12 @@ class TrainConfig:
     mixed_precision: str = _opt("auto", "auto (bf16 or fp16 on CUDA, fp32 on CPU), no, fp16 or bf16.",
                                 choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward: less memory, ~30% slower.")
+    auto_fit: bool = _opt(False, "When the memory plan finds the run too big for the device even after smaller "
+                          "batches, checkpointing and 8-bit AdamW, also lower the resolution (64 px at a time).")
+    channels_last: bool = _opt(False, "Channels-last memory format for the UNet's convolutions (a GPU speed-up "
+                               "on some cards; measure it with benchmarks/gpu.py).")
+    torch_compile: bool = _opt(False, "Compile the UNet with torch.compile (slow first steps; a speed-up on some "
+                               "GPUs; measure it with benchmarks/gpu.py).")
     min_snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5 is typical); off when unset.", low=0.0,
                                        high=1000.0)
     noise_offset: float = _opt(0.0, "Noise offset (0.05-0.1 helps very dark / bright images).", low=0.0, high=1.0)

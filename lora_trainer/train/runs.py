@@ -28,10 +28,9 @@ RECORD_FORMAT = 1
 # Settings that shape the weights or the order of the data; changing one makes another run. Cosmetic and
 # machine-specific ones (samples, save cadence, device, precision, caching, logging) are not part of it.
 IDENTITY_KEYS = ("task_type", "trigger_word", "resolution", "bucket", "repeats", "flip_aug", "caption_dropout",
-                 "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "train_text_encoder", "batch_size",
-                 "gradient_accumulation_steps", "epochs", "max_steps", "learning_rate", "text_encoder_lr",
-                 "optimizer", "weight_decay", "max_grad_norm", "scheduler", "warmup_steps", "min_snr_gamma",
-                 "noise_offset", "seed")
+                 "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "train_text_encoder", "epochs",
+                 "max_steps", "learning_rate", "text_encoder_lr", "optimizer", "weight_decay", "max_grad_norm",
+                 "scheduler", "warmup_steps", "min_snr_gamma", "noise_offset", "seed")
 Log = Callable[[str], None]
 
 
@@ -54,6 +53,9 @@ def weight_settings(cfg: TrainConfig) -> dict[str, Any]:
     settings = {key: getattr(cfg, key) for key in IDENTITY_KEYS}
     settings["target_modules"] = list(cfg.target_modules)
     settings["base_model"] = Path(cfg.base_model).name if cfg.base_model else None
+    # the batch per update, not how it is split: the out-of-memory ladder halves batch_size and doubles the
+    # accumulation, and a run may resume with a smaller batch that fits
+    settings["effective_batch"] = cfg.batch_size * cfg.gradient_accumulation_steps
     if cfg.max_steps:
         settings["epochs"] = None
     return settings
