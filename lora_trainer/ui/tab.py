@@ -20,6 +20,7 @@ from lora_trainer.config import FIELDS, ConfigError, TrainConfig, config_from_di
 from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.safe_yaml import read_yaml_mapping
+from lora_trainer.ui.caption_stop import CAPTION_STOP, CaptionStop
 from lora_trainer.ui.host import Host, job_config, launch_training
 from lora_trainer.ui.job import JobBusyError, TrainingJob, current_job
 
@@ -53,6 +54,8 @@ PLOT_HEIGHT = GALLERY_HEIGHT + 40  # the image widget's height includes its labe
 MAX_THUMBNAILS = 60
 CLEAN_HEADERS = ["file", "status", "kind", "reason"]
 CAPTION_HEADERS = ["filename", "caption"]
+CAPTION_BATCH = 4  # images per captioner call: Interrupt is polled between calls, so it acts within seconds
+CAPTION_STOPPING = "Interrupt requested: captioning stops after the current batch and keeps what is written."
 
 
 # ---- config <-> UI values ------------------------------------------------------------------------------------------
@@ -280,20 +283,34 @@ def save_caption_rows(folder: str, table: Any) -> str:
 
 
 def caption_dataset_ui(host: Host, folder: str, choice: str, model_path: str, trigger: str,
-                       overwrite: bool) -> tuple[str, list[list[str]]]:
-    """Caption the folder (metadata.csv) with the chosen captioner under the host's GPU lock."""
+                       overwrite: bool, *, stop: CaptionStop = CAPTION_STOP) -> tuple[str, list[list[str]]]:
+    """Caption the folder (metadata.csv) with the chosen captioner under the host's GPU lock.
+
+    The tab's Interrupt (``stop``) and the host's (the WebUI's Interrupt) stop it after the current batch of
+    :data:`CAPTION_BATCH` images; the captions written so far are kept.
+    """
     from lora_trainer.caption.run import caption_folder
 
     folder = (folder or "").strip()
     if not folder or not Path(folder).is_dir():
         return f"Image folder {folder!r} does not exist.", []
+
+    def caption() -> Any:
+        with stop.running():
+            return caption_folder(folder, captioner, trigger=trigger or "", fmt="csv", overwrite=bool(overwrite),
+                                  batch_size=CAPTION_BATCH, should_stop=lambda: stop() or host.interrupted())
+
     try:
         captioner = make_ui_captioner(host, choice, model_path)
-        report = host.run_exclusive(lambda: caption_folder(folder, captioner, trigger=trigger or "", fmt="csv",
-                                                           overwrite=bool(overwrite)))
+        report = host.run_exclusive(caption)
     except (UserError, OSError, ValueError) as err:
         return f"Captioning failed: {err}", load_caption_rows(folder)[0]
-    return report.summary(), load_caption_rows(folder)[0]
+    return ("Interrupted: " if report.interrupted else "") + report.summary(), load_caption_rows(folder)[0]
+
+
+def interrupt_caption_ui(stop: CaptionStop = CAPTION_STOP) -> str:
+    """The Caption section's Interrupt: stop captioning after the current batch."""
+    return CAPTION_STOPPING if stop.request() else "Captioning is not running."
 
 
 # ---- settings callbacks -----------------------------------------------------------------------------------------
@@ -501,10 +518,14 @@ def start_training_ui(host: Host, job: TrainingJob, *values: Any) -> str:
     return status_html(job.snapshot(), note="Started.")
 
 
-def interrupt_ui(job: TrainingJob) -> str:
-    note = "Interrupt requested: the run stops after this step and saves a checkpoint." if job.cancel() \
-        else "Nothing is running."
-    return status_html(job.snapshot(), note=note)
+def interrupt_ui(job: TrainingJob, stop: CaptionStop = CAPTION_STOP) -> str:
+    """The Train section's Interrupt: stops the training run, and captioning if that is what runs."""
+    notes = []
+    if job.cancel():
+        notes.append("Interrupt requested: the run stops after this step and saves a checkpoint.")
+    if stop.request():
+        notes.append(CAPTION_STOPPING)
+    return status_html(job.snapshot(), note=" ".join(notes) or "Nothing is running.")
 
 
 # ---- layout -----------------------------------------------------------------------------------------------------
@@ -579,7 +600,9 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                                                  elem_id="lora_train_caption_trigger")
                         cap_overwrite = gr.Checkbox(label="Overwrite existing captions", value=False,
                                                     elem_id="lora_train_caption_overwrite")
-                    cap_button = gr.Button("Caption", elem_id="lora_train_caption_button")
+                    with gr.Row():
+                        cap_button = gr.Button("Caption", elem_id="lora_train_caption_button")
+                        cap_stop = gr.Button("Interrupt", elem_id="lora_train_caption_interrupt")
                 with gr.Row():
                     load_caps = gr.Button("Load captions", elem_id="lora_train_load_captions")
                     save_caps = gr.Button("Save captions", variant="primary", elem_id="lora_train_save_captions")
@@ -641,6 +664,7 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         cap_button.click(with_message_html(caption, 0),
                          inputs=[folder, cap_choice, cap_model, cap_trigger, cap_overwrite],
                          outputs=[caption_status, caption_table])
+        cap_stop.click(with_message_html(interrupt_caption_ui), outputs=[caption_status], show_progress="hidden")
         load_caps.click(with_message_html(load_captions, 1), inputs=[folder], outputs=[caption_table, caption_status])
         save_caps.click(with_message_html(save_caption_rows), inputs=[folder, caption_table], outputs=[caption_status])
         preset_box.change(apply_preset, inputs=[preset_box, *inputs], outputs=inputs)
