@@ -384,7 +384,8 @@ def test_build_tab_returns_blocks(tmp_path):
     assert isinstance(blocks, gr.Blocks)
     ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
     for elem in ("lora_train_refresh", "lora_train_status", "lora_train_loss_plot", "lora_train_samples",
-                 "lora_train_caption_table", "lora_train_advanced", "lora_train_cfg_noise_offset"):
+                 "lora_train_caption_table", "lora_train_advanced", "lora_train_cfg_noise_offset",
+                 "lora_train_resume", "lora_train_caption_interrupt"):
         assert elem in ids
     assert all(elem.startswith("lora_train_") for elem in ids if elem)
 
