@@ -453,8 +453,9 @@ def status_html(snap: dict[str, Any], note: str = "") -> str:
     return "".join(parts)
 
 
-def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE) -> Image.Image:
-    """Loss per step (faint) and its moving average (blue) on a transparent background (light and dark themes)."""
+def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE, first_step: int = 1) -> Image.Image:
+    """Loss per step (faint) and its moving average (blue) on a transparent background (light and dark themes);
+    ``first_step`` labels the first value (a resumed run's curve starts after its checkpoint)."""
     width, height = size
     image = Image.new("RGBA", size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(image)
@@ -489,8 +490,8 @@ def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE)
     draw.text((4, top - 4), f"{high:.4f}", fill=grey)
     draw.text((4, bottom - 8), f"{low:.4f}", fill=grey)
     draw.text((4, (top + bottom) // 2 - 4), "loss", fill=grey)
-    draw.text((left, bottom + 6), "step 1", fill=grey)
-    draw.text((right - 60, bottom + 6), f"step {len(values)}", fill=grey)
+    draw.text((left, bottom + 6), f"step {first_step}", fill=grey)
+    draw.text((right - 60, bottom + 6), f"step {first_step + len(values) - 1}", fill=grey)
     return image
 
 
@@ -511,7 +512,9 @@ def poll_ui(job: TrainingJob, host: Host | None = None) -> tuple[str, Image.Imag
         refresh_resumable(job, host)
     snap = job.snapshot()
     paths = snap.get("sample_history") or snap["sample_paths"]
-    return status_html(snap), render_loss_plot(job.all_losses()), _sample_images(tuple(paths))
+    losses = job.all_losses()
+    first_step = max(int(snap["step"]) - len(losses) + 1, 1)  # after a resume, the steps since its checkpoint
+    return status_html(snap), render_loss_plot(losses, first_step=first_step), _sample_images(tuple(paths))
 
 
 def job_form_ui(job: TrainingJob, *values: Any, host: Host | None = None) -> list[Any]:

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 
@@ -160,6 +161,9 @@ def test_the_resume_button_after_a_restart(make_tiny_backbone, interrupted, tmp_
     assert tab.values_to_config(form).output_name == "resumed lora" and not tab.can_resume(job)
     assert_finished_from_the_checkpoint(job, tmp_path, run_dir)
     assert host.locked == 1 and host.refreshed == 1
+    _, plot, _ = tab.poll_ui(job, host)  # the loss plot is labelled from step 4, not step 1
+    assert np.array_equal(np.asarray(plot), np.asarray(tab.render_loss_plot(job.all_losses(), first_step=STOP_AT + 1)))
+    assert not np.array_equal(np.asarray(plot), np.asarray(tab.render_loss_plot(job.all_losses())))
     *_, status = tab.resume_training_ui(host, job, *defaults)
     assert "Not resumed: there is no interrupted run to resume" in status
 
