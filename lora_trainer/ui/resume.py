@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from lora_trainer.config import TrainConfig, config_from_dict
 from lora_trainer.errors import UserError
 from lora_trainer.ui.host import Host, launch_training
-from lora_trainer.ui.job import JobBusyError, TrainingJob
+from lora_trainer.ui.job import TrainingJob
 
 if TYPE_CHECKING:
     from lora_trainer.train.runs import InterruptedRunExists, ResumableRun
@@ -94,11 +94,10 @@ def refresh_resumable(job: TrainingJob, host: Host) -> None:
 def resume_run(host: Host, job: TrainingJob, run_id: str | None = None, *, background: bool = True) -> ResumableRun:
     """Resume the run ``run_id`` (None: the one the snapshot offers) on the host's loaded model.
 
-    Raises :class:`NothingToResume` (none, or no such run id), ``JobBusyError``, ``ModelMismatch`` (the run was
-    trained on another checkpoint) or ``NameTakenError``; the run's own identity check follows in the trainer.
+    Raises :class:`NothingToResume` (none, or no such run id), ``JobBusyError`` (a run is in progress),
+    ``ModelMismatch`` (the run was trained on another checkpoint) or ``NameTakenError``; the run's own identity
+    check follows in the trainer.
     """
-    if job.running:
-        raise JobBusyError("a training run is already in progress; interrupt it or wait for it to finish")
     found = find_resumable(host, job)
     where = " or ".join(str(folder) for folder in output_folders(host, job)) or "the output folder"
     if not found:

@@ -257,3 +257,18 @@ def test_the_tab_built_after_a_restart_shows_the_resume_button(make_tiny_backbon
 
     assert resume_button(restarted_host(tmp_path, make_tiny_backbone)).visible is True
     assert resume_button(FakeHost(tmp_path / "Lora", output_dir=str(tmp_path / "empty"))).visible is False
+
+
+def test_resume_while_a_run_is_in_progress_is_refused(make_tiny_backbone, interrupted, tmp_path):
+    shapes_dataset, run_dir = interrupted
+    job, host = TrainingJob(), restarted_host(tmp_path, make_tiny_backbone)
+    refresh_resumable(job, host)
+    with job._lock:
+        job.status = "running"  # as while another run trains
+    try:
+        code, body = api.resume_job_route(job, host, {})
+        assert code == 409 and "already in progress" in body["error"]
+        assert job.snapshot()["resumable"] is not None and not tab.can_resume(job)  # the button hides meanwhile
+    finally:
+        with job._lock:
+            job.status = "idle"
