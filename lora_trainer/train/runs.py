@@ -38,6 +38,16 @@ class ResumeRefused(ckpt.CheckpointError):
     """A resume that would continue another run, or that has nothing to continue."""
 
 
+class InterruptedRunExists(ResumeRefused):
+    """A fresh start of a run whose interrupted checkpoints exist; ``status`` is e.g. ``"step 30/200"``."""
+
+    def __init__(self, output_name: str, status: str, run_dir: Path) -> None:
+        self.output_name, self.status, self.run_dir = output_name, status, run_dir
+        super().__init__(f"an interrupted run of {output_name!r} with these data and settings exists ({status}, "
+                         f"{run_dir}); resume it (--resume, or resume_from: latest), or set overwrite: true to "
+                         "start it again from step 0")
+
+
 def data_files(scan: DatasetScan) -> dict[str, list]:
     """``relative path -> [size, mtime_ns, caption hash]`` of every usable image: cheap, and any edit shows."""
     files: dict[str, list] = {}
@@ -187,10 +197,7 @@ def plan_run(cfg: TrainConfig, layout: RunLayout, identity: RunIdentity, total_s
     plan = RunPlan(run_dir, record or {})
     if not cfg.resume_from:
         if existing and not record.get("finished") and not cfg.overwrite:
-            raise ResumeRefused(
-                f"an interrupted run of {cfg.output_name!r} with these data and settings exists "
-                f"({_status(run_dir, record)}, {run_dir}); resume it (--resume, or resume_from: latest), or set "
-                "overwrite: true to start it again from step 0")
+            raise InterruptedRunExists(cfg.output_name, _status(run_dir, record), run_dir)
         for path in existing:
             shutil.rmtree(path, ignore_errors=True)
         if existing:
