@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random SD1.5-topology models and small image folders, built once per session."""
+"""Shared fixtures: tiny random SD1.5- and SDXL-topology models and small image folders, built once per session."""
 
 from __future__ import annotations
 
@@ -48,6 +48,25 @@ def make_tiny_backbone(_tiny_components: dict):
     def make():
         c = {k: (v if k == "tokenizer" else copy.deepcopy(v)) for k, v in _tiny_components.items()}
         return DiffusersBackbone(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def _tiny_sdxl_components(tokenizer_dir: Path) -> dict:
+    from lora_trainer.models.tiny_sdxl import build_tiny_sdxl_components
+
+    return build_tiny_sdxl_components(seed=0, tokenizer_dir=str(tokenizer_dir))
+
+
+@pytest.fixture
+def make_tiny_sdxl_backbone(_tiny_sdxl_components: dict):
+    """A factory of independent tiny SDXL backbones (each call deep-copies the same random weights)."""
+    from lora_trainer.models.tiny_sdxl import tiny_sdxl_backbone
+
+    def make(**schedule):
+        c = {k: (v if k.startswith("tokenizer") else copy.deepcopy(v)) for k, v in _tiny_sdxl_components.items()}
+        return tiny_sdxl_backbone(c, **schedule)
 
     return make
 

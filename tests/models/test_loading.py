@@ -150,33 +150,13 @@ def test_a_yaml_that_does_not_fit_the_weights_is_reported(tiny_checkpoint: Path,
 
 
 # ---- SD2 (OpenCLIP text tower) -------------------------------------------------------------------------------
-def _open_clip_state(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel's weights in OpenCLIP's layout (``cond_stage_model.model.*``), as SD2 checkpoints hold."""
-    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
-    p = "cond_stage_model.model."
-    hidden = sd["embeddings.token_embedding.weight"].shape[1]
-    out = {p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           p + "positional_embedding": sd["embeddings.position_embedding.weight"],
-           p + "ln_final.weight": sd["final_layer_norm.weight"], p + "ln_final.bias": sd["final_layer_norm.bias"],
-           p + "text_projection": torch.randn(hidden, hidden), p + "logit_scale": torch.tensor(4.6)}
-    for i in range(text_encoder.config.num_hidden_layers):
-        src, dst = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[dst + f"attn.in_proj_{kind}"] = torch.cat(
-                [sd[src + f"self_attn.{n}_proj.{kind}"] for n in ("q", "k", "v")])
-            for new, old in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
-                             ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
-                out[dst + f"{new}.{kind}"] = sd[src + f"{old}.{kind}"]
-    return out
-
-
 @pytest.fixture
 def tiny_sd2(tiny_checkpoint: Path, tmp_path: Path) -> tuple[Path, dict]:
     """A tiny SD2-layout checkpoint (linear attention projections, 3-block OpenCLIP text tower) + its parts."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_trainer.models.ldm_checkpoint import unet_to_ldm, vae_to_ldm
+    from lora_trainer.models.ldm_checkpoint import text_encoder_to_open_clip, unet_to_ldm, vae_to_ldm
     from lora_trainer.models.tiny import tiny_clip_config, tiny_unet_config, tiny_vae_config
 
     torch.manual_seed(3)
@@ -184,7 +164,9 @@ def tiny_sd2(tiny_checkpoint: Path, tmp_path: Path) -> tuple[Path, dict]:
     vae = AutoencoderKL(**tiny_vae_config()).eval()
     text_encoder = CLIPTextModel(CLIPTextConfig(**{**tiny_clip_config(), "num_hidden_layers": 3,
                                                    "hidden_act": "gelu"})).eval()
-    state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **_open_clip_state(text_encoder)}
+    state = {**unet_to_ldm(unet), **vae_to_ldm(vae),
+             **text_encoder_to_open_clip(text_encoder, "cond_stage_model.model."),
+             "cond_stage_model.model.text_projection": torch.randn(32, 32)}  # in SD2 files; unused by SD2
     model = tmp_path / "sd2" / "tiny-sd2.safetensors"
     model.parent.mkdir()
     save_file({k: v.contiguous() for k, v in state.items()}, str(model))
@@ -268,13 +250,13 @@ def test_unknown_extension_and_unreadable_files(tmp_path: Path) -> None:
         load_backbone(tmp_path)
 
 
-def test_sdxl_checkpoint_is_sent_to_the_webui_tab(tmp_path: Path) -> None:
+def test_a_partial_sdxl_file_is_reported(tmp_path: Path) -> None:
     model = tmp_path / "sdxl.safetensors"
     save_file({"conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8),
                "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight":
                    torch.zeros(77, 8),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)}, str(model))
-    with pytest.raises(ModelLoadError, match=r"sdxl\.safetensors is an SDXL checkpoint.*WebUI tab for now"):
+    with pytest.raises(ModelLoadError, match=r"sdxl\.safetensors looks like an SDXL checkpoint but has no VAE"):
         load_backbone(model)
 
 
@@ -284,7 +266,7 @@ def test_unrecognised_keys_are_reported(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError) as info:
         load_backbone(model)
     message = str(info.value)
-    assert "garbage.safetensors is not a Stable Diffusion 1.x/2.x checkpoint" in message
+    assert "garbage.safetensors is not a Stable Diffusion 1.x/2.x/SDXL checkpoint" in message
     assert "model.diffusion_model." in message and "bar.bias" in message
 
 
