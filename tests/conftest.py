@@ -59,6 +59,14 @@ def _tiny_sdxl_components(tokenizer_dir: Path) -> dict:
     return build_tiny_sdxl_components(seed=0, tokenizer_dir=str(tokenizer_dir))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny-sdxl.safetensors`` (sgm layout), ``.yaml`` and ``-clip/`` (seed 0: _tiny_sdxl_components' weights)."""
+    from lora_trainer.models.tiny_sdxl import write_tiny_sdxl_checkpoint
+
+    return write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("tiny_sdxl_checkpoint"))
+
+
 @pytest.fixture
 def make_tiny_sdxl_backbone(_tiny_sdxl_components: dict):
     """A factory of independent tiny SDXL backbones (each call deep-copies the same random weights)."""

@@ -86,6 +86,9 @@ class Trainer:
 
             self._log(f"loading base model {self.cfg.base_model}")
             self.backbone = load_backbone(self.cfg.base_model, device=device, dtype=dtype)
+        if self.cfg.v_parameterization or self.cfg.zero_terminal_snr:
+            self.backbone.set_noise_options(v_parameterization=self.cfg.v_parameterization,
+                                            zero_terminal_snr=self.cfg.zero_terminal_snr)
         return self.backbone
 
     def _scan(self) -> DatasetScan:
@@ -128,11 +131,13 @@ class Trainer:
             atomic_write_text(self.output_dir / f"{cfg.output_name}.config.yaml", dump_config(cfg))
             latents = self._encode_latents(scan.items) if cfg.cache_latents else None
             text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
+            backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
             inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         unet_targets=list(cfg.target_modules), te_targets=TE_TARGETS)
             return self._train(scan, backbone, roots, device, dtype, resume_path, lora_file, latents,
                                text_cache)
         finally:
+            backbone.restore_encoders()
             if self.restore_backbone:
                 remove_lora(roots)
                 backbone.set_gradient_checkpointing(False)
@@ -279,6 +284,7 @@ class Trainer:
             cond = torch.stack([text_cache[c] for c in captions]).to(device)
         else:
             cond = backbone.encode_prompts(captions)
+        cond = backbone.add_size_conditioning(cond, [items[i] for i in indices])
         model_dtype = getattr(backbone, "dtype", torch.float32)
         pred = backbone.predict(noisy.to(model_dtype), timesteps.to(device), cond).float()
         target = training_target(x0, noise, timesteps, backbone.alphas_cumprod, backbone.prediction_type)

@@ -21,14 +21,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``tiny-sdxl.safetensors`` (sgm layout), ``.yaml`` and ``-clip/`` (seed 0: _tiny_sdxl_components' weights)."""
-    from lora_trainer.models.tiny_sdxl import write_tiny_sdxl_checkpoint
-
-    return write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("tiny_sdxl_checkpoint"))
-
-
 def _stub_training_imports(monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         import pytorch_lightning  # noqa: F401

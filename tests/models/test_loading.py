@@ -290,3 +290,26 @@ def test_tokenizer_unavailable_propagates(tiny_checkpoint: Path, tmp_path: Path,
     bare = _copy_checkpoint(tiny_checkpoint, tmp_path / "bare", "bare", with_yaml=False)
     with pytest.raises(tokenizer.TokenizerUnavailable, match="no CLIP tokenizer is available offline"):
         load_backbone(bare)
+
+
+def test_sd2_768_v_without_yaml_trains_v_with_v_parameterization(tiny_sd2: tuple[Path, dict], shapes_dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    """kohya's v_parameterization: a 768-v model whose file says nothing about it trains v-prediction."""
+    from safetensors import safe_open
+
+    from lora_trainer.config import config_from_dict
+    from lora_trainer.train.trainer import Trainer
+
+    model, _ = tiny_sd2
+    model.with_suffix(".yaml").unlink()
+    cfg = config_from_dict({"train_data_dir": str(shapes_dataset), "base_model": str(model), "resolution": 64,
+                            "output_dir": str(tmp_path / "out"), "max_steps": 1, "lora_rank": 2, "device": "cpu",
+                            "v_parameterization": True})
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    assert trainer.backbone.model_version == "sd_v2" and trainer.backbone.prediction_type == "v_prediction"
+    assert trainer.backbone.noise_scheduler.config.prediction_type == "v_prediction"
+    with safe_open(str(result.lora_path), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert (metadata["ss_v2"], metadata["ss_v_parameterization"]) == ("True", "True")
