@@ -107,7 +107,7 @@ def measure(checkpoint: Path, warm: Path, source: Path = REPO) -> dict:
 
 def _row(label: str, result: dict) -> str:
     if "error" in result:
-        return f"{label:<34} {'-':>10} {'-':>10} {'-':>7} {'-':>8}   ({result['error'][:60]})"
+        return f"{label:<34} {'-':>10} {'-':>10} {'-':>7} {'-':>8}   (failed: ...{result['error'][-70:]})"
     return (f"{label:<34} {result['model_bytes'] / MIB:>8.0f} MB {result['peak_growth'] / MIB:>7.0f} MB "
             f"{result['ratio']:>6.2f}x {result['seconds']:>7.2f}s")
 

@@ -35,7 +35,6 @@ from lora_trainer.models.text_encoders import (
 )
 from lora_trainer.models.weights import EXPECTED, CheckpointFile, ModelLoadError, build_empty, fill_module, listed
 
-__all__ = ["ModelLoadError", "load_backbone"]
 log = logging.getLogger(__name__)
 
 CLIP_PREFIX = "cond_stage_model.transformer."

@@ -139,14 +139,24 @@ def as_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, to
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
-def save_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> Path:
-    """Write a single-file ``.safetensors`` checkpoint atomically."""
+def new_clip_folder(folder: Path, name: str) -> Path:
+    """``<folder>/<name>-clip/`` with the CLIP tokenizer files (the folder is created as needed)."""
+    from lora_trainer.models.tokenizer import write_clip_tokenizer_files
+
+    return write_clip_tokenizer_files(Path(folder) / f"{name}-clip")
+
+
+def write_model_files(folder: Path, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """``<name>.safetensors`` (the single-file checkpoint) and ``<name>.yaml`` (its config), written atomically."""
+    import yaml
     from safetensors.torch import save_file
 
-    from lora_trainer.fsutil import atomic_write
+    from lora_trainer.fsutil import atomic_write, atomic_write_text
 
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), {"format": "pt"}))
-    return path
+    checkpoint = Path(folder) / f"{name}.safetensors"
+    atomic_write(checkpoint, lambda tmp: save_file(state, str(tmp), {"format": "pt"}))
+    atomic_write_text(checkpoint.with_suffix(".yaml"), yaml.safe_dump(config, sort_keys=False))
+    return checkpoint
 
 
 def write_tiny_checkpoint(folder: str | Path, name: str = "tiny-sd15", seed: int = 0, width: int = 1,
@@ -157,20 +167,10 @@ def write_tiny_checkpoint(folder: str | Path, name: str = "tiny-sd15", seed: int
     (see :func:`write_clip_folder`), so the WebUI's ``FrozenCLIPEmbedder`` builds from it offline. ``width``:
     see :func:`tiny_unet_config`; ``dtype``: of the checkpoint's floating-point weights. Returns its path.
     """
-    import yaml
-
-    from lora_trainer.fsutil import atomic_write_text
     from lora_trainer.models.ldm_checkpoint import diffusers_to_ldm_state_dict
-    from lora_trainer.models.tokenizer import write_clip_tokenizer_files
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    clip_dir = folder / f"{name}-clip"
-    write_clip_tokenizer_files(clip_dir)
+    clip_dir = new_clip_folder(folder, name)
     parts = build_tiny_components(seed, tokenizer_dir=str(clip_dir), width=width)
     write_clip_folder(clip_dir, parts["text_encoder"])
     state = diffusers_to_ldm_state_dict(parts["unet"], parts["vae"], parts["text_encoder"])
-    checkpoint = save_checkpoint(folder / f"{name}.safetensors", as_dtype(state, dtype))
-    config = tiny_ldm_config(clip_dir, width)
-    atomic_write_text(folder / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
-    return checkpoint
+    return write_model_files(folder, name, as_dtype(state, dtype), tiny_ldm_config(clip_dir, width))

@@ -111,22 +111,13 @@ def write_tiny_sdxl_checkpoint(folder: str | Path, name: str = "tiny-sdxl", seed
     ``markers``: empty marker tensors to add (``"v_pred"``, ``"ztsnr"``: what v-prediction checkpoints carry);
     ``dtype``: of the floating-point weights (real checkpoints are mostly float16). Returns the checkpoint's path.
     """
-    import yaml
-
-    from lora_trainer.fsutil import atomic_write_text
     from lora_trainer.models.ldm_checkpoint import sdxl_to_ldm_state_dict
-    from lora_trainer.models.tiny import as_dtype, save_checkpoint, write_clip_folder
-    from lora_trainer.models.tokenizer import write_clip_tokenizer_files
+    from lora_trainer.models.tiny import as_dtype, new_clip_folder, write_clip_folder, write_model_files
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    clip_dir = folder / f"{name}-clip"
-    write_clip_tokenizer_files(clip_dir)
+    clip_dir = new_clip_folder(folder, name)
     parts = build_tiny_sdxl_components(seed, tokenizer_dir=str(clip_dir), width=width)
     write_clip_folder(clip_dir, parts["text_encoder"])
     state = sdxl_to_ldm_state_dict(parts["unet"], parts["vae"], parts["text_encoder"], parts["text_encoder_2"])
     state = {**as_dtype(state, dtype), **{marker: torch.zeros(0) for marker in markers}}
-    checkpoint = save_checkpoint(folder / f"{name}.safetensors", state)
-    config = tiny_sdxl_config(clip_dir, v_prediction="v_pred" in markers, width=width)
-    atomic_write_text(folder / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
-    return checkpoint
+    return write_model_files(folder, name, state, tiny_sdxl_config(clip_dir, v_prediction="v_pred" in markers,
+                                                                   width=width))

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from lora_trainer.models.loading import ModelLoadError, load_backbone
+from tests.models.helpers import copy_checkpoint
 
 PROMPT = "a red circle on a blue background"
 
@@ -44,15 +45,6 @@ def _assert_same_model(backbone, components: dict, *, atol: float = 1e-5, text: 
         assert torch.equal(ids, want_ids)
         torch.testing.assert_close(backbone.encode_prompts([PROMPT]), components["text_encoder"](ids)[0],
                                    atol=atol, rtol=0)
-
-
-def _copy_checkpoint(checkpoint: Path, folder: Path, name: str, *, with_yaml: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}.safetensors"
-    shutil.copyfile(checkpoint, target)
-    if with_yaml:
-        shutil.copyfile(checkpoint.with_suffix(".yaml"), target.with_suffix(".yaml"))
-    return target
 
 
 def test_single_file_round_trip_reproduces_the_tiny_model(tiny_checkpoint: Path, tiny_components: dict) -> None:
@@ -95,7 +87,7 @@ def test_tiny_checkpoint_has_the_ldm_layout_and_a_loadable_clip_folder(tiny_chec
 
 def test_without_yaml_the_sizes_come_from_the_weights(tiny_checkpoint: Path, tiny_components: dict,
                                                      tmp_path: Path) -> None:
-    bare = _copy_checkpoint(tiny_checkpoint, tmp_path, "bare", with_yaml=False)
+    bare = copy_checkpoint(tiny_checkpoint, tmp_path, "bare", with_yaml=False)
     backbone = load_backbone(bare)
     assert (backbone.model_version, backbone.prediction_type) == ("sd_v1", "epsilon")
     _assert_same_model(backbone, tiny_components)
@@ -129,7 +121,7 @@ def test_a_pickle_with_code_is_refused(tmp_path: Path) -> None:
 
 
 def test_yaml_parameterization_v_and_schedule(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    model = _copy_checkpoint(tiny_checkpoint, tmp_path, "vpred")
+    model = copy_checkpoint(tiny_checkpoint, tmp_path, "vpred")
     config = yaml.safe_load(model.with_suffix(".yaml").read_text())
     config["model"]["params"].update(parameterization="v", linear_start=0.001, linear_end=0.02)
     model.with_suffix(".yaml").write_text(yaml.safe_dump(config))
@@ -141,7 +133,7 @@ def test_yaml_parameterization_v_and_schedule(tiny_checkpoint: Path, tmp_path: P
 
 
 def test_a_yaml_that_does_not_fit_the_weights_is_reported(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    model = _copy_checkpoint(tiny_checkpoint, tmp_path, "wrong")
+    model = copy_checkpoint(tiny_checkpoint, tmp_path, "wrong")
     config = yaml.safe_load(model.with_suffix(".yaml").read_text())
     config["model"]["params"]["unet_config"]["params"]["num_res_blocks"] = 1
     model.with_suffix(".yaml").write_text(yaml.safe_dump(config))
@@ -271,7 +263,7 @@ def test_unrecognised_keys_are_reported(tmp_path: Path) -> None:
 
 
 def test_yaml_for_another_model_family_is_reported(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    model = _copy_checkpoint(tiny_checkpoint, tmp_path, "mixed")
+    model = copy_checkpoint(tiny_checkpoint, tmp_path, "mixed")
     config = copy.deepcopy(yaml.safe_load(model.with_suffix(".yaml").read_text()))
     config["model"]["params"]["cond_stage_config"]["target"] = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
     model.with_suffix(".yaml").write_text(yaml.safe_dump(config))
@@ -287,7 +279,7 @@ def test_tokenizer_unavailable_propagates(tiny_checkpoint: Path, tmp_path: Path,
 
     monkeypatch.setattr(tokenizer, "default_cache_dir", lambda: tmp_path / "empty-cache")
     monkeypatch.setattr(tokenizer, "find_open_clip_vocab", no_vocab)
-    bare = _copy_checkpoint(tiny_checkpoint, tmp_path / "bare", "bare", with_yaml=False)
+    bare = copy_checkpoint(tiny_checkpoint, tmp_path / "bare", "bare", with_yaml=False)
     with pytest.raises(tokenizer.TokenizerUnavailable, match="no CLIP tokenizer is available offline"):
         load_backbone(bare)
 

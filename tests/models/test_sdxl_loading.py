@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_trainer.models.loading import ModelLoadError, load_backbone
 from lora_trainer.models.sdxl_backbone import SDXLBackbone
+from tests.models.helpers import copy_checkpoint
 
 PROMPTS = ["a red circle on a blue background", ""]
 
@@ -35,15 +36,6 @@ def assert_same_sdxl(backbone, reference, *, atol: float = 1e-5) -> None:
     torch.testing.assert_close(backbone.vae.encode(pixels).latent_dist.mean,
                                reference.vae.encode(pixels).latent_dist.mean, atol=atol, rtol=0)
     assert backbone.vae.config.scaling_factor == pytest.approx(0.13025)
-
-
-def _copy(checkpoint: Path, folder: Path, name: str, *, with_yaml: bool) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}.safetensors"
-    shutil.copyfile(checkpoint, target)
-    if with_yaml:
-        shutil.copyfile(checkpoint.with_suffix(".yaml"), target.with_suffix(".yaml"))
-    return target
 
 
 def test_single_file_with_its_sgm_yaml(tiny_sdxl_checkpoint: Path, make_tiny_sdxl_backbone) -> None:
@@ -71,13 +63,13 @@ def test_the_checkpoint_has_the_sgm_layout(tiny_sdxl_checkpoint: Path) -> None:
 
 def test_without_yaml_every_size_comes_from_the_weights(tiny_sdxl_checkpoint: Path, make_tiny_sdxl_backbone,
                                                         tmp_path: Path) -> None:
-    bare = _copy(tiny_sdxl_checkpoint, tmp_path, "bare", with_yaml=False)
+    bare = copy_checkpoint(tiny_sdxl_checkpoint, tmp_path, "bare", with_yaml=False)
     assert_same_sdxl(load_backbone(bare), make_tiny_sdxl_backbone())
 
 
 def test_a_yaml_of_another_architecture_is_set_aside(tiny_sdxl_checkpoint: Path, tiny_checkpoint: Path,
                                                     make_tiny_sdxl_backbone, tmp_path: Path, caplog) -> None:
-    model = _copy(tiny_sdxl_checkpoint, tmp_path, "foreign", with_yaml=False)
+    model = copy_checkpoint(tiny_sdxl_checkpoint, tmp_path, "foreign", with_yaml=False)
     shutil.copyfile(tiny_checkpoint.with_suffix(".yaml"), model.with_suffix(".yaml"))  # an SD1 LatentDiffusion yaml
     with caplog.at_level(logging.WARNING, logger="lora_trainer.models.sdxl_loading"):
         backbone = load_backbone(model)
@@ -86,7 +78,7 @@ def test_a_yaml_of_another_architecture_is_set_aside(tiny_sdxl_checkpoint: Path,
 
 
 def test_v_prediction_from_the_yaml_or_the_markers(tiny_sdxl_checkpoint: Path, tmp_path: Path) -> None:
-    vscaled = _copy(tiny_sdxl_checkpoint, tmp_path / "a", "vscaling", with_yaml=True)
+    vscaled = copy_checkpoint(tiny_sdxl_checkpoint, tmp_path / "a", "vscaling", with_yaml=True)
     config = yaml.safe_load(vscaled.with_suffix(".yaml").read_text())
     denoiser = config["model"]["params"]["denoiser_config"]["params"]
     denoiser["scaling_config"]["target"] = "sgm.modules.diffusionmodules.denoiser_scaling.VScaling"
