@@ -33,7 +33,15 @@ from lora_trainer.models.text_encoders import (
     count_blocks,
     open_clip_to_transformers,
 )
-from lora_trainer.models.weights import EXPECTED, CheckpointFile, ModelLoadError, build_empty, fill_module, listed
+from lora_trainer.models.weights import (
+    CHECKPOINT_SUFFIXES,
+    EXPECTED,
+    CheckpointFile,
+    ModelLoadError,
+    build_empty,
+    fill_module,
+    listed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +62,22 @@ def load_backbone(path: str | Path, *, device: torch.device | str = "cpu",
     if path.is_dir():
         return load_diffusers_folder(path, device, dtype)
     return load_single_file(path, device, dtype)
+
+
+def check_base_model(path: str | Path) -> None:
+    """Cheap checks before any work (no weights read): the file or folder exists, a ``.safetensors`` header
+    parses, a diffusers folder has its index and subfolders. Raises ModelLoadError naming the file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"base model {path} does not exist; {EXPECTED}")
+    if path.is_dir():
+        read_model_index(path)
+        check_subfolders(path, ("unet", "vae", "text_encoder", "tokenizer"))
+        return
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ModelLoadError(f"{path}: unknown file type {path.suffix or '(none)'!r}; {EXPECTED}")
+    if path.suffix.lower() == ".safetensors":
+        CheckpointFile(path)  # its header only
 
 
 # ---- what a file holds -----------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def load_sdxl_single_file(checkpoint: CheckpointFile, device: torch.device, dtyp
         "target", ""))
     prediction = "v_prediction" if v_marked or scaling.endswith("VScaling") else "epsilon"
     tokenizer = clip_tokenizer(clip_folder)  # first: a missing tokenizer fails before model building
-    tokenizer_2 = clip_tokenizer(pad_with_zero=True)
+    tokenizer_2 = clip_tokenizer(clip_folder, pad_with_zero=True)  # the same vocabulary, OpenCLIP's padding
 
     def read(prefix: str, as_dtype: torch.dtype = dtype) -> dict[str, torch.Tensor]:
         return checkpoint.tensors(prefix, device=device, dtype=as_dtype)

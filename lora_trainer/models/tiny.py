@@ -1,9 +1,10 @@
 """Tiny random Stable Diffusion 1.5-topology models, built from configs (demo, tests, benchmarks).
 
 Same block layout as SD1.5 (4-level UNet with cross-attention in the first three levels, 4-level VAE,
-CLIP text transformer with the real 49,408-token vocabulary), tiny widths. Channel counts stay multiples
-of 32 because the LDM code the WebUI runs uses 32-group GroupNorm everywhere. ``width`` multiplies the UNet's
-and the text encoder's widths (memory measurements want a model of a measurable size).
+CLIP text transformer with a 49,408-token vocabulary of CLIP's size and special-token ids, generated offline
+by :func:`~lora_trainer.models.tokenizer.write_demo_tokenizer_files`), tiny widths. Channel counts stay
+multiples of 32 because the LDM code the WebUI runs uses 32-group GroupNorm everywhere. ``width`` multiplies the
+UNet's and the text encoder's widths (memory measurements want a model of a measurable size).
 """
 
 from __future__ import annotations
@@ -67,11 +68,14 @@ def tiny_clip_config(width: int = 1) -> dict[str, Any]:
 
 
 def build_tiny_components(seed: int = 0, tokenizer_dir: str | None = None, width: int = 1) -> dict[str, Any]:
-    """Random tiny ``unet``, ``vae``, ``text_encoder`` and the real CLIP ``tokenizer``, deterministic in seed."""
+    """Random tiny ``unet``, ``vae``, ``text_encoder`` and the demo ``tokenizer`` (its files in ``tokenizer_dir``,
+    written there if absent; a temporary folder when None), deterministic in seed."""
+    import tempfile
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_trainer.models.tokenizer import load_clip_tokenizer
+    from lora_trainer.models.tokenizer import load_demo_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config(width))
@@ -81,7 +85,7 @@ def build_tiny_components(seed: int = 0, tokenizer_dir: str | None = None, width
     for module in (unet, vae, text_encoder):
         module.eval()
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder,
-            "tokenizer": load_clip_tokenizer(tokenizer_dir)}
+            "tokenizer": load_demo_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="tiny_clip_"))}
 
 
 def randomise_final_norm(text_encoder: torch.nn.Module, seed: int) -> None:
@@ -140,10 +144,10 @@ def as_dtype(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, to
 
 
 def new_clip_folder(folder: Path, name: str) -> Path:
-    """``<folder>/<name>-clip/`` with the CLIP tokenizer files (the folder is created as needed)."""
-    from lora_trainer.models.tokenizer import write_clip_tokenizer_files
+    """``<folder>/<name>-clip/`` with the tiny models' tokenizer files (the folder is created as needed)."""
+    from lora_trainer.models.tokenizer import write_demo_tokenizer_files
 
-    return write_clip_tokenizer_files(Path(folder) / f"{name}-clip")
+    return write_demo_tokenizer_files(Path(folder) / f"{name}-clip")
 
 
 def write_model_files(folder: Path, name: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:

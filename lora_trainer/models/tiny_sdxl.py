@@ -2,9 +2,10 @@
 
 Same block layout as SDXL base: a 3-level UNet (no attention at the first level, deeper transformers further
 down, linear projections), the ``text_time`` added embedding of pooled text and six size ids, a 4-level VAE,
-CLIP ViT-L-style and OpenCLIP-bigG-style text encoders (the second with a text projection) on the real
-49,408-token vocabulary; tiny widths. The checkpoint is written in the original sgm layout
-(``conditioner.embedders.0.transformer.*``, ``conditioner.embedders.1.model.*``) with an sgm ``.yaml``.
+CLIP ViT-L-style and OpenCLIP-bigG-style text encoders (the second with a text projection) on the demo
+49,408-token vocabulary (:func:`~lora_trainer.models.tokenizer.write_demo_tokenizer_files`); tiny widths. The
+checkpoint is written in the original sgm layout (``conditioner.embedders.0.transformer.*``,
+``conditioner.embedders.1.model.*``) with an sgm ``.yaml``.
 ``width`` multiplies the UNet's and the text encoders' widths, as in :mod:`lora_trainer.models.tiny`.
 """
 
@@ -50,11 +51,14 @@ def tiny_open_clip_config(width: int = 1) -> dict[str, Any]:
 
 
 def build_tiny_sdxl_components(seed: int = 0, tokenizer_dir: str | None = None, width: int = 1) -> dict[str, Any]:
-    """Random tiny ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2`` and both tokenizers (seeded)."""
+    """Random tiny ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2`` and both tokenizers (the demo vocabulary,
+    its files in ``tokenizer_dir``, written there if absent; a temporary folder when None), deterministic in seed."""
+    import tempfile
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lora_trainer.models.loading import clip_tokenizer
+    from lora_trainer.models.tokenizer import load_demo_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_sdxl_unet_config(width))
@@ -65,9 +69,11 @@ def build_tiny_sdxl_components(seed: int = 0, tokenizer_dir: str | None = None, 
     randomise_final_norm(text_encoder_2, seed + 1)
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
-    folder = Path(tokenizer_dir) if tokenizer_dir else None
+    folder = tokenizer_dir or tempfile.mkdtemp(prefix="tiny_clip_")
+    tokenizer_2 = load_demo_tokenizer(folder)
+    tokenizer_2.pad_token = "!"  # OpenCLIP pads with token 0
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
-            "tokenizer": clip_tokenizer(folder), "tokenizer_2": clip_tokenizer(folder, pad_with_zero=True)}
+            "tokenizer": load_demo_tokenizer(folder), "tokenizer_2": tokenizer_2}
 
 
 def tiny_sdxl_backbone(components: dict[str, Any], **schedule: Any) -> Any:
