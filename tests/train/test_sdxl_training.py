@@ -48,7 +48,8 @@ def test_a_single_file_trains_from_the_cli_into_a_file_the_webui_matches(tiny_sd
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert metadata["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert (metadata["ss_v_parameterization"], metadata["ss_zero_terminal_snr"]) == ("False", "False")
-    assert Image.open(tmp_path / "out" / "samples" / "step-000002-0.png").size == (64, 64)
+    sample = next((tmp_path / "out" / "samples").rglob("step-000002-0.png"))
+    assert Image.open(sample).size == (64, 64) and (tmp_path / "out" / "xl.preview.png").is_file()
 
 
 def test_loss_falls_when_fitting_a_few_images(make_tiny_sdxl_backbone, shapes_dataset: Path, tmp_path: Path):
@@ -105,7 +106,7 @@ def test_cached_text_encoder_outputs_give_the_same_losses(make_tiny_sdxl_backbon
         return add_sizes(self, conditioning, items)
 
     monkeypatch.setattr(type(make_tiny_sdxl_backbone()), "add_size_conditioning", spy)
-    settings = {"bucket": True, "batch_size": 2, "max_steps": 4, "caption_dropout": 0.3}
+    settings = {"bucket": True, "batch_size": 2, "max_steps": 4, "caption_dropout": 0.3, "preview": False}
     cached = Trainer(make_config(mixed_sizes, tmp_path / "cached", **settings), make_tiny_sdxl_backbone()).run()
     targets = {item.target for item in scan_dataset(mixed_sizes, resolution=64, bucket=True).items}
     assert len(targets) > 1 and {t for batch in seen for t in batch} == targets  # every image's own bucket
