@@ -57,6 +57,12 @@ class TrainConfig:
         None, "Base checkpoint: a single-file .safetensors (.ckpt loaded weights-only), with a same-named "
         ".yaml beside it when present, or a diffusers folder (required).", path=True)
     task_type: str = _opt("text-to-image", "What is trained.", choices=("text-to-image",))
+    v_parameterization: bool = _opt(
+        False, "Train v-prediction (kohya's v_parameterization), for SD2.x 768-v and v-prediction SDXL models whose "
+        "file does not say so. Off: the model's own (its .yaml, a v_pred marker or its scheduler config).")
+    zero_terminal_snr: bool = _opt(
+        False, "Rescale the noise schedule's betas to zero terminal SNR (kohya's zero_terminal_snr), as "
+        "v-prediction models trained that way need; the file's ztsnr marker turns it on too.")
     # lora
     lora_rank: int = _opt(16, "LoRA rank (network dim).", low=1, high=512)
     lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", low=0.0, high=4096.0)

@@ -49,4 +49,7 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     a = alphas_cumprod[timesteps.cpu()].float()
     snr = a / (1 - a)
     clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    # epsilon: min(snr, gamma) / snr, which tends to 1 at zero SNR (the last step of a zero-terminal-SNR schedule)
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))

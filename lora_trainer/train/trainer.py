@@ -104,6 +104,9 @@ class Trainer:
 
             self._log(f"loading base model {self.cfg.base_model}")
             self.backbone = load_backbone(self.cfg.base_model, device=device, dtype=dtype)
+        if self.cfg.v_parameterization or self.cfg.zero_terminal_snr:
+            self.backbone.set_noise_options(v_parameterization=self.cfg.v_parameterization,
+                                            zero_terminal_snr=self.cfg.zero_terminal_snr)
         return self.backbone
 
     def _scan(self) -> DatasetScan:
@@ -164,6 +167,7 @@ class Trainer:
                 module.requires_grad_(False)
             latents = self._encode_latents(scan.items) if cfg.cache_latents else None
             text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
+            backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
             inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         unet_targets=list(cfg.target_modules), te_targets=TE_TARGETS)
             if self._plan_memory(backbone, roots, device, dtype, len(latents or ()), text_cache):
@@ -180,6 +184,7 @@ class Trainer:
                                list(resumed.progress.losses) if resumed else [],
                                checkpoint=resumed.path if resumed else None, interrupted=True)
         finally:
+            backbone.restore_encoders()
             if self.restore_backbone:
                 remove_lora(roots)
                 backbone.set_gradient_checkpointing(False)
@@ -389,6 +394,7 @@ class Trainer:
             cond = torch.stack([text_cache[c] for c in captions]).to(device)
         else:
             cond = backbone.encode_prompts(captions)
+        cond = backbone.add_size_conditioning(cond, [items[i] for i in indices])
         model_dtype = getattr(backbone, "dtype", torch.float32)
         pred = backbone.predict(noisy.to(model_dtype), to_device(timesteps, device), cond).float()
         target = training_target(x0, noise, timesteps, backbone.alphas_cumprod, backbone.prediction_type)
