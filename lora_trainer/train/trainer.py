@@ -167,12 +167,12 @@ class Trainer:
                 module.requires_grad_(False)
             latents = self._encode_latents(scan.items) if cfg.cache_latents else None
             text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
-            backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
             inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         unet_targets=list(cfg.target_modules), te_targets=TE_TARGETS)
             if self._plan_memory(backbone, roots, device, dtype, len(latents or ()), text_cache):
                 scan = self._scan()  # auto_fit lowered the resolution
                 latents = self._encode_latents(scan.items) if self.cfg.cache_latents else None
+            backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
             with fast_paths(roots["lora_unet"], channels_last=cfg.channels_last, compile_model=cfg.torch_compile,
                             notify=self._log):
                 return self._train(scan, backbone, roots, device, dtype, plan, layout, steps, latents, text_cache)
