@@ -3,7 +3,7 @@
 ``loss.item()`` after every step makes the CPU wait for the GPU to finish that step before it may queue the next
 one. The trainer instead hands each update's micro-batch losses (0-dim tensors) to :class:`LossLog`, which reads
 all pending ones with a single transfer when :meth:`due` (every ``every_seconds``, default half a second, by the
-host clock) or when the trainer needs them (checkpoint, samples, the end). The values are computed exactly as
+host clock; every step on a CPU, where a read costs nothing) or when the trainer needs them (checkpoint, samples, the end). The values are computed exactly as
 before (each micro-batch loss as a Python float, divided by the accumulation steps and summed in that order), so
 the bar, TensorBoard and the events show the same numbers, only in small batches.
 """
@@ -45,6 +45,12 @@ class LossLog:
         self.pending: list[_Pending] = []
         self.reads = 0  # host reads so far (one per flush with something pending)
         self._window_start = clock()
+
+    @staticmethod
+    def interval_for(device: torch.device) -> float:
+        """Seconds between reads on ``device``: a CPU computes synchronously, so its losses are read every step
+        (prompt progress and Interrupt); accelerators queue work ahead, so theirs are read in batches."""
+        return 0.0 if device.type == "cpu" else 0.5
 
     def add(self, step: int, epoch: int, lr: float, micro_losses: list[torch.Tensor]) -> None:
         self.pending.append(_Pending(step, epoch, lr, [loss.detach() for loss in micro_losses]))

@@ -246,7 +246,7 @@ class Trainer:
         writer = self._tensorboard(layout)
         result = TrainResult(progress.global_step, total, progress.losses,
                              checkpoint=plan.resume.path if plan.resume else None)
-        loss_log = LossLog()
+        loss_log = LossLog(every_seconds=LossLog.interval_for(device))
         guard = OomGuard(MemorySettings.of(cfg), device)
         spill = SpillWatch(lambda: device_memory_fraction(device))
 

@@ -44,7 +44,8 @@ def test_trainer_reads_losses_in_batches_and_logs_the_same_values(make_tiny_back
     window = {"seconds": 0.0}
 
     class Recorded(LossLog):
-        def __init__(self) -> None:
+        def __init__(self, every_seconds: float) -> None:
+            assert every_seconds == 0.0  # a CPU run reads every step; the window under test replaces that
             super().__init__(every_seconds=window["seconds"])
             logs.append(self)
 
@@ -55,3 +56,8 @@ def test_trainer_reads_losses_in_batches_and_logs_the_same_values(make_tiny_back
     assert batched == every_step and batched_losses == losses
     assert logs[0].reads == 4
     assert logs[1].reads == 2  # before the checkpoint at step 3, and at the end: not once per step
+
+
+def test_a_cpu_reads_every_step_and_an_accelerator_in_batches():
+    assert LossLog.interval_for(torch.device("cpu")) == 0.0  # synchronous: progress and Interrupt at each step
+    assert LossLog.interval_for(torch.device("cuda")) > 0.0
