@@ -22,28 +22,36 @@ class StopFlag:
     def __call__(self) -> bool:
         return self.stopped
 
-    def install(self) -> None:
+    def install(self, *, launched: bool = False, quiet: bool = False) -> None:
+        """Handle Ctrl-C; ``launched`` (by torchrun or accelerate, which pass a Ctrl-C on as SIGINT, and a
+        failed process or a scheduler's stop as SIGTERM, then kill after a grace period): SIGTERM too."""
         def handler(signum, frame):  # noqa: ARG001
             if self.stopped:
                 raise KeyboardInterrupt
             self.stopped = True
-            print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort)...",
-                  file=sys.stderr)
+            if not quiet:
+                print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort)...",
+                      file=sys.stderr)
 
         signal.signal(signal.SIGINT, handler)
+        if launched:
+            signal.signal(signal.SIGTERM, handler)
 
 
-def run_training(cfg, backbone=None) -> int:
-    """Train with a tqdm bar and Ctrl-C handling; print where the LoRA went."""
+def run_training(cfg, backbone=None, dist=None) -> int:
+    """Train with a tqdm bar and Ctrl-C handling; print where the LoRA went. In a data-parallel run (``dist``)
+    only the main process shows the bar and prints."""
+    from lora_trainer.train.distributed import SINGLE
     from lora_trainer.train.events import EventBus
     from lora_trainer.train.progress_bar import ProgressBar
     from lora_trainer.train.trainer import Trainer
 
+    dist = dist or SINGLE
     stop = StopFlag()
-    stop.install()
-    bar = ProgressBar()
+    stop.install(launched=dist.enabled, quiet=not dist.is_main)
+    bar = ProgressBar() if dist.is_main else None
     try:
-        result = Trainer(cfg, backbone, events=EventBus(bar), should_stop=stop).run()
+        result = Trainer(cfg, backbone, events=EventBus(bar), should_stop=stop, dist=dist).run()
     except RuntimeError as err:
         if type(err).__name__ != "OutOfMemoryError":
             raise
@@ -51,7 +59,10 @@ def run_training(cfg, backbone=None) -> int:
 
         raise UserError(oom_message(cfg)) from None
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+    if not dist.is_main:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         where = f"checkpoint: {result.checkpoint}" if result.checkpoint else "nothing saved"
         print(f"Interrupted at step {result.steps_done}/{result.total_steps}; {where}")
@@ -72,7 +83,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides["resume_from"] = args.resume
     cfg = load_config(args.config, overrides)
-    return run_training(cfg)
+    from lora_trainer.train import distributed
+
+    dist = distributed.start(cfg.device)  # torchrun / accelerate launch: join the others; alone: nothing
+    try:
+        return run_training(cfg, dist=dist)
+    except distributed.PeerFailed:
+        return 2  # the main process failed and prints why
+    finally:
+        dist.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

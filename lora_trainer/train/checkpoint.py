@@ -67,7 +67,7 @@ def save_checkpoint(run_dir: str | Path, progress: Progress, lora_state: dict[st
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = inside(run_dir, f"step-{progress.global_step:06d}")
+    final = step_folder(run_dir, progress.global_step)
     tmp = inside(run_dir, f".{final.name}{TMP_SUFFIX}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -91,6 +91,11 @@ def save_checkpoint(run_dir: str | Path, progress: Progress, lora_state: dict[st
     for old in list_checkpoints(run_dir)[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def step_folder(run_dir: str | Path, global_step: int) -> Path:
+    """The folder of the checkpoint a run writes after ``global_step`` updates."""
+    return inside(run_dir, f"step-{global_step:06d}")
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

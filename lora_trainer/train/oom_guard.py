@@ -56,10 +56,16 @@ class OomGuard:
             raise error
         self.settings, change = step
         self.changes.append(change)
+        return self.settings, change, self.rollback()
+
+    def rollback(self) -> int:
+        """Put the random state back to the start of the update; the micro-step it started from."""
+        if self._start is None:
+            raise RuntimeError("rollback() before begin()")
         torch.set_rng_state(self._start.cpu_rng)
         if self._start.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self._start.cuda_rng)
-        return self.settings, change, self._start.micro_step
+        return self._start.micro_step
 
 
 def device_memory_fraction(device: torch.device) -> float | None:

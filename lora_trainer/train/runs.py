@@ -48,24 +48,27 @@ class InterruptedRunExists(ResumeRefused):
                          "start it again from step 0")
 
 
-def data_files(scan: DatasetScan) -> dict[str, list]:
-    """``relative path -> [size, mtime_ns, caption hash]`` of every usable image: cheap, and any edit shows."""
+def data_files(scan: DatasetScan, with_times: bool = True) -> dict[str, list]:
+    """``relative path -> [size, mtime_ns, caption hash]`` of every usable image: cheap, and any edit shows.
+    Without ``with_times``, ``[size, caption hash]`` (the same on a copy of the data on another machine)."""
     files: dict[str, list] = {}
     for item in scan.items:
         stat = item.path.stat()
         name = item.path.relative_to(scan.folder).as_posix() if scan.folder else str(item.path)
-        files[name] = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(item.caption.encode()).hexdigest()[:16]]
+        caption = hashlib.sha256(item.caption.encode()).hexdigest()[:16]
+        files[name] = [stat.st_size, stat.st_mtime_ns, caption] if with_times else [stat.st_size, caption]
     return files
 
 
-def weight_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The identity settings of ``cfg`` (``epochs`` only counts when ``max_steps`` is unset)."""
+def weight_settings(cfg: TrainConfig, processes: int = 1) -> dict[str, Any]:
+    """The identity settings of ``cfg`` trained by ``processes`` data-parallel processes (``epochs`` only counts
+    when ``max_steps`` is unset)."""
     settings = {key: getattr(cfg, key) for key in IDENTITY_KEYS}
     settings["target_modules"] = list(cfg.target_modules)
     settings["base_model"] = Path(cfg.base_model).name if cfg.base_model else None
     # the batch per update, not how it is split: the out-of-memory ladder halves batch_size and doubles the
-    # accumulation, and a run may resume with a smaller batch that fits
-    settings["effective_batch"] = cfg.batch_size * cfg.gradient_accumulation_steps
+    # accumulation, a run may resume with a smaller batch that fits, or under another number of processes
+    settings["effective_batch"] = cfg.batch_size * cfg.gradient_accumulation_steps * processes
     if cfg.max_steps:
         settings["epochs"] = None
     return settings
@@ -92,8 +95,8 @@ class RunIdentity:
         return _digest({"name": self.output_name, "data": self.data_hash, "settings": self.settings})[:12]
 
     @classmethod
-    def of(cls, cfg: TrainConfig, scan: DatasetScan) -> RunIdentity:
-        return cls(cfg.output_name, data_files(scan), weight_settings(cfg))
+    def of(cls, cfg: TrainConfig, scan: DatasetScan, processes: int = 1) -> RunIdentity:
+        return cls(cfg.output_name, data_files(scan), weight_settings(cfg, processes))
 
 
 def differences(record: dict[str, Any], identity: RunIdentity) -> list[str]:

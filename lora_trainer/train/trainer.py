@@ -26,6 +26,7 @@ from lora_trainer.models.backbone import Backbone
 from lora_trainer.models.state import restore_model_state, snapshot_model_state
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train import preflight, runs
+from lora_trainer.train.distributed import SINGLE, Distributed, PeerLost
 from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, SampleEvent, StepEvent
 from lora_trainer.train.fast_paths import fast_paths
 from lora_trainer.train.layout import RunLayout
@@ -83,16 +84,20 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
 
 
 class Trainer:
-    """Runs one training job. ``should_stop`` is polled every micro-batch (Ctrl-C, the WebUI's Interrupt)."""
+    """Runs one training job. ``should_stop`` is polled every micro-batch (Ctrl-C, the WebUI's Interrupt).
+
+    ``dist`` is this process's place in a data-parallel run (:mod:`lora_trainer.train.distributed`): each
+    process trains its share of every batch and only the main one writes files."""
 
     def __init__(self, cfg: TrainConfig, backbone: Backbone | None = None, *,
                  events: EventBus | None = None, should_stop: Callable[[], bool] | None = None,
-                 restore_backbone: bool = True) -> None:
+                 restore_backbone: bool = True, dist: Distributed = SINGLE) -> None:
         self.cfg = cfg
         self.backbone = backbone
         self.bus = events or EventBus()
         self.should_stop = should_stop or (lambda: False)
         self.restore_backbone = restore_backbone
+        self.dist = dist
 
     # ---- setup ------------------------------------------------------------------------------------
     def _log(self, text: str, level: str = "info") -> None:
@@ -135,29 +140,37 @@ class Trainer:
         """Check everything that can be checked before the model loads, then train; OSErrors become one line."""
         cfg = self.cfg
         layout = RunLayout.of(cfg)
-        device = resolve_device(cfg.device)
+        device = self.dist.device or resolve_device(cfg.device)
         dtype = resolve_precision(cfg.mixed_precision, device)
-        if layout.lora_file.exists() and not cfg.overwrite:
-            raise FileExistsError(f"{layout.lora_file} exists; set overwrite: true or choose another output_name")
+        self.dist.on_main(lambda: self._refuse_existing(layout))
         with reporting_os_errors(layout.output_dir):
             return self._run(layout, device, dtype)
 
-    def _run(self, layout: RunLayout, device: torch.device, dtype: torch.dtype) -> TrainResult:
-        cfg = self.cfg
+    def _refuse_existing(self, layout: RunLayout) -> None:
+        if layout.lora_file.exists() and not self.cfg.overwrite:
+            raise FileExistsError(f"{layout.lora_file} exists; set overwrite: true or choose another output_name")
+
+    def _prepare_output(self, layout: RunLayout) -> None:
         preflight.check_output_dir(layout.output_dir)
         for path in runs.remove_stale_temporaries(layout):
             self._log(f"removed {path.name}, left unfinished by an interrupted run")
+
+    def _run(self, layout: RunLayout, device: torch.device, dtype: torch.dtype) -> TrainResult:
+        cfg, dist = self.cfg, self.dist
+        dist.on_main(lambda: self._prepare_output(layout))  # only the main process writes files
         scan = self._scan()
+        if dist.enabled:
+            dist.agree(runs.data_files(scan, with_times=False), "the training data")
         if self.backbone is None:
             from lora_trainer.models.loading import check_base_model
 
             check_base_model(cfg.base_model)
-        steps = preflight.plan_steps(cfg, scan.items)
-        plan = runs.plan_run(cfg, layout, runs.RunIdentity.of(cfg, scan), steps.total,
-                             log=lambda text: self._log(text, "warning"))
+        steps = preflight.plan_steps(cfg, scan.items, dist.world_size)
+        plan = dist.on_main(lambda: runs.plan_run(cfg, layout, runs.RunIdentity.of(cfg, scan, dist.world_size),
+                                                  steps.total, log=lambda text: self._log(text, "warning")))
         for note in plan.notes:
             self._log(note)
-        self._log(preflight.estimate_line(cfg, steps, len(scan.items), device))
+        self._log(preflight.estimate_line(cfg, steps, len(scan.items), device, dist.world_size))
         backbone = self._load_backbone(device, dtype)
         states_before = [(m, snapshot_model_state(m)) for m in backbone.frozen_modules()]
         roots: dict = {}
@@ -176,9 +189,10 @@ class Trainer:
             with fast_paths(roots["lora_unet"], channels_last=cfg.channels_last, compile_model=cfg.torch_compile,
                             notify=self._log):
                 return self._train(scan, backbone, roots, device, dtype, plan, layout, steps, latents, text_cache)
-        except _StoppedWhileCaching as stopped:
+        except (_StoppedWhileCaching, PeerLost) as stopped:
             resumed = plan.resume
-            self._log(f"interrupted while {stopped}; nothing new to save"
+            why = str(stopped) if isinstance(stopped, PeerLost) else f"interrupted while {stopped}"
+            self._log(f"{why}; nothing new to save"
                       + (f" (the run can still resume from {resumed.path})" if resumed else ""), "warning")
             return TrainResult(resumed.progress.global_step if resumed else 0, steps.total,
                                list(resumed.progress.losses) if resumed else [],
@@ -201,8 +215,9 @@ class Trainer:
         for line in plan.report():
             self._log(line, "info" if plan.fits and not plan.changes else "warning")
         resolution = self.cfg.resolution
-        if plan.changes:
-            self.cfg = dataclasses.replace(self.cfg, **dataclasses.asdict(plan.settings))
+        settings = self.dist.from_main(plan.settings if plan.changes else None)  # every process the same
+        if settings is not None:
+            self.cfg = dataclasses.replace(self.cfg, **dataclasses.asdict(settings))
         return self.cfg.resolution != resolution
 
     def _resume(self, loaded: ckpt.LoadedCheckpoint, roots: dict, optimizer, scheduler) -> ckpt.Progress:
@@ -220,7 +235,7 @@ class Trainer:
     def _train(self, scan: DatasetScan, backbone: Backbone, roots: dict, device: torch.device,
                dtype: torch.dtype, plan: runs.RunPlan, layout: RunLayout, steps: StepPlan, latents: dict | None,
                text_cache: dict | None) -> TrainResult:
-        cfg = self.cfg
+        cfg, dist = self.cfg, self.dist
         items = scan.items
         for p in (p for m in roots.values() for p in m.parameters() if p.requires_grad):
             p.data = p.data.float()
@@ -231,7 +246,7 @@ class Trainer:
             groups.append({"params": te_params, "lr": cfg.resolved_text_encoder_lr()})
         all_params = unet_params + te_params
         total = steps.total
-        stream = MicroBatches(items, cfg.batch_size, cfg.seed, cfg.repeats)
+        stream = MicroBatches(items, cfg.batch_size * dist.world_size, cfg.seed, cfg.repeats)
         optimizer = build_optimizer(cfg, groups, device, notify=self.bus.emit)
         scheduler = build_scheduler(cfg, optimizer, total)
         progress = ckpt.Progress(started_at=time.time())
@@ -243,7 +258,7 @@ class Trainer:
             module.train()
         use_autocast = device.type == "cuda" and dtype != torch.float32
         scaler = torch.cuda.amp.GradScaler() if use_autocast and dtype == torch.float16 else None
-        writer = self._tensorboard(layout)
+        writer = self._tensorboard(layout) if dist.is_main else None
         result = TrainResult(progress.global_step, total, progress.losses,
                              checkpoint=plan.resume.path if plan.resume else None)
         loss_log = LossLog(every_seconds=LossLog.interval_for(device))
@@ -265,9 +280,10 @@ class Trainer:
             if logged and (warning := spill.observe(logged[-1].seconds, len(logged))):
                 self._log(warning, "warning")
 
+        stopping = False  # data-parallel: a stop asked for on any process, agreed at the last update
         try:
             while progress.global_step < total:
-                if self.should_stop():
+                if stopping or (not dist.enabled and self.should_stop()):
                     result.interrupted = True
                     break
                 guard.begin(progress.micro_step)
@@ -282,17 +298,21 @@ class Trainer:
                                     else contextlib.nullcontext())
                         with autocast:
                             loss = self._micro_loss(indices, items, latents, text_cache, gen, device)
-                        scaled = loss / cfg.gradient_accumulation_steps
-                        (scaler.scale(scaled) if scaler else scaled).backward()
-                        micro_losses.append(loss.detach())
+                        if loss is not None:  # None: this process's share of a short batch is empty
+                            scaled = loss / cfg.gradient_accumulation_steps
+                            (scaler.scale(scaled) if scaler else scaled).backward()
+                            loss = loss.detach()
+                        micro_losses.append(loss)
                         progress.micro_step += 1
                 except OOM_ERRORS as error:
                     failure = error.with_traceback(None)  # its frames would keep the failed step's tensors alive
+                if dist.enabled:
+                    micro_losses, stopping, failure = self._sync_update(all_params, micro_losses, failure)
                 if failure is not None:
                     loss = scaled = micro_losses = None
                     settings, change, progress.micro_step = guard.recover(failure, optimizer)
                     cfg = self.cfg = dataclasses.replace(cfg, **dataclasses.asdict(settings))
-                    stream = MicroBatches(items, cfg.batch_size, cfg.seed, cfg.repeats)
+                    stream = MicroBatches(items, cfg.batch_size * dist.world_size, cfg.seed, cfg.repeats)
                     backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
                     self._log(f"out of memory at step {progress.global_step + 1}; {change}; the step runs again",
                               "warning")
@@ -320,6 +340,10 @@ class Trainer:
                     result.sample_paths += self._samples(layout, progress.global_step, writer)
         except KeyboardInterrupt:
             result.interrupted = True
+        except PeerLost as lost:  # the update in flight was not applied: the run stands at its start
+            self._log(str(lost), "warning")
+            progress.micro_step = guard.rollback()
+            result.interrupted = True
         finally:
             try:
                 log_steps()
@@ -343,16 +367,32 @@ class Trainer:
             if writer:
                 writer.close()
             return result
-        if cfg.sample_prompts:
-            result.sample_paths += self._samples(layout, progress.global_step, writer)
-        if writer:
-            writer.close()
-        result.lora_path = self._export(layout, progress, roots, scan, total)
-        atomic_write_text(layout.config_file, dump_config(cfg))  # only now: a failed run leaves the old one
-        runs.mark_finished(plan, result.lora_path)
-        if cfg.preview:
-            result.preview_path = self._preview(scan, progress.global_step)
+
+        def finish() -> Path:
+            if cfg.sample_prompts:
+                result.sample_paths += self._samples(layout, progress.global_step, writer)
+            if writer:
+                writer.close()
+            result.lora_path = self._export(layout, progress, roots, scan, total)
+            atomic_write_text(layout.config_file, dump_config(cfg))  # only now: a failed run leaves the old one
+            runs.mark_finished(plan, result.lora_path)
+            if cfg.preview:
+                result.preview_path = self._preview(scan, progress.global_step)
+            return result.lora_path
+
+        result.lora_path = dist.on_main(finish)  # the others wait for it: a failure there fails them too
         return result
+
+    def _sync_update(self, params: list[torch.Tensor], micro_losses: list[torch.Tensor | None],
+                     failure: BaseException | None) -> tuple[list[torch.Tensor], bool, BaseException | None]:
+        """Data-parallel: sum the gradients and losses over the processes and agree on stopping and on running
+        the update again (out of memory anywhere); the global losses, the stop and the failure to recover from."""
+        missing = self.cfg.gradient_accumulation_steps - len(micro_losses)  # a failure cut them short
+        sync = self.dist.sync_update(params, micro_losses + [None] * missing, stop=self.should_stop(),
+                                     failed=failure is not None)
+        if sync.failed and failure is None:
+            failure = torch.cuda.OutOfMemoryError("CUDA out of memory in another process of this run")
+        return sync.losses, sync.stop, failure
 
     def _non_finite_message(self, loss: float, step: int, total: int, checkpoint: Path | None) -> str:
         kept = (f"the last good checkpoint {checkpoint} is kept" if checkpoint else
@@ -377,18 +417,22 @@ class Trainer:
         return cache
 
     def _micro_loss(self, indices: list[int], items: list[TrainItem], latents: dict | None,
-                    text_cache: dict | None, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+                    text_cache: dict | None, gen: torch.Generator, device: torch.device) -> torch.Tensor | None:
         cfg, backbone = self.cfg, self.backbone
         flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist() if cfg.flip_aug else [False] * len(indices)
         captions = self._captions(indices, items, gen)
+        batch, share = len(indices), self.dist.share(len(indices))  # drawn for the global batch, this share kept
+        indices, flips, captions = indices[share], flips[share], captions[share]
+        if not indices:
+            return None
         if latents is not None:
             x0 = torch.stack([latents[(i, f)] for i, f in zip(indices, flips, strict=True)])
         else:
             pixels = torch.stack([load_pixels(items[i], flip=f) for i, f in zip(indices, flips, strict=True)])
             x0 = backbone.encode_images(pixels).float()
         x0 = x0.to(device)
-        noise = sample_noise(x0, gen, cfg.noise_offset)
-        timesteps = sample_timesteps(x0.shape[0], len(backbone.alphas_cumprod), gen)
+        noise = sample_noise(x0, gen, cfg.noise_offset, batch=batch, rows=share)
+        timesteps = sample_timesteps(batch, len(backbone.alphas_cumprod), gen)[share]
         noisy = add_noise(x0, noise, timesteps, backbone.alphas_cumprod)
         if text_cache is not None:
             cond = torch.stack([text_cache[c] for c in captions]).to(device)
@@ -402,7 +446,8 @@ class Trainer:
         if cfg.min_snr_gamma:
             weights = min_snr_weights(timesteps, backbone.alphas_cumprod, cfg.min_snr_gamma, backbone.prediction_type)
             per_sample = per_sample * weights.to(per_sample.device)
-        return per_sample.mean()
+        # data-parallel: the share's part of the global batch's mean, so the processes' gradients sum to it
+        return per_sample.sum() / batch if self.dist.enabled else per_sample.mean()
 
     # ---- outputs ----------------------------------------------------------------------------------
     def _tensorboard(self, layout: RunLayout):
@@ -415,6 +460,8 @@ class Trainer:
 
     def _samples(self, layout: RunLayout, step: int, writer) -> list[Path]:
         cfg = self.cfg
+        if not self.dist.is_main:
+            return []
         with torch.random.fork_rng(devices=[]):
             images = self.backbone.sample(list(cfg.sample_prompts), seed=cfg.seed, steps=cfg.sample_steps,
                                           width=cfg.resolution, height=cfg.resolution)
@@ -450,10 +497,12 @@ class Trainer:
             cfg=cfg, model_version=self.backbone.model_version, prediction_type=self.backbone.prediction_type,
             captions=[item.caption for item in scan.items], steps=progress.global_step, total_steps=total,
             started_at=progress.started_at, num_images=len(scan.items),
-            buckets=sorted({item.target for item in scan.items}))
+            buckets=sorted({item.target for item in scan.items}), processes=self.dist.world_size)
 
     def _save_checkpoint(self, plan: runs.RunPlan, progress: ckpt.Progress, roots: dict, optimizer,
                          scheduler) -> Path:
+        if not self.dist.is_main:  # the main process writes it (the state is the same in every process)
+            return ckpt.step_folder(plan.run_dir, progress.global_step)
         path = ckpt.save_checkpoint(plan.run_dir, progress, lora_state_dict(roots), optimizer, scheduler)
         self.bus.emit(CheckpointEvent(progress.global_step, path))
         return path

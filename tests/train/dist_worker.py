@@ -1,0 +1,98 @@
+"""One process of a data-parallel test run, started by torchrun: ``torchrun ... dist_worker.py spec.json``.
+
+The spec lists jobs run one after another in the same process group: ``{"cli": [args...]}`` runs the command line
+(``python -m lora_trainer ...`` as a user starts it), ``{"config": {...}, "stop_rank": r, "stop_after": k}`` a
+Trainer whose process ``r`` asks to stop once it has seen ``k`` steps (``"die": true``: process ``r`` dies there
+instead, as a crash would end it). Every file-system change a process makes under ``spec["watch"]`` is recorded
+with an audit hook; after each job, the changes and results so far are written to
+``<spec["audit_dir"]>/rank<N>.json``. Ctrl-C and SIGTERM are handled as the command line handles them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+CHANGES = {"os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree", "os.symlink",
+           "os.link", "os.truncate", "os.chmod", "os.utime"}
+
+
+def audit_changes(root: Path, found: list) -> None:
+    """Record every event that writes, creates, renames or removes a path under ``root``."""
+    root_text = str(root.resolve())
+
+    def inside(value) -> str | None:
+        if isinstance(value, (str, bytes, os.PathLike)):
+            path = os.path.abspath(os.fsdecode(value))
+            return path if path.startswith(root_text) else None
+        return None
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and args:
+            mode, flags = (args + (None, None))[1:3]
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & WRITE_FLAGS)
+            if writes and (path := inside(args[0])):
+                found.append([event, path])
+        elif event in CHANGES:
+            for value in args[:2]:
+                if path := inside(value):
+                    found.append([event, path])
+
+    sys.addaudithook(hook)
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    changes: list = []
+    audit_changes(Path(spec["watch"]), changes)
+
+    from lora_trainer.cli import main as cli_main
+    from lora_trainer.train import distributed
+
+    group = distributed.start("cpu")
+    record = Path(spec["audit_dir"]) / f"rank{group.rank}.json"
+    results: list = []
+    try:
+        for job in spec["jobs"]:
+            if "cli" in job:
+                results.append(cli_main(job["cli"]))
+            else:
+                results.append(run_job(job, group))
+            record.write_text(json.dumps({"changes": changes, "results": results}), encoding="utf-8")
+    finally:
+        group.close()
+    return 0
+
+
+def run_job(job: dict, group) -> dict:
+    from lora_trainer.cli import StopFlag
+    from lora_trainer.config import config_from_dict
+    from lora_trainer.train.events import EventBus, StepEvent
+    from lora_trainer.train.trainer import Trainer
+
+    stop = StopFlag()
+    stop.install(launched=True, quiet=True)
+    steps: list[int] = []
+    bus = EventBus(lambda event: steps.append(event.step) if isinstance(event, StepEvent) else None)
+
+    def should_stop() -> bool:
+        if group.rank == job.get("stop_rank") and len(steps) >= job["stop_after"]:
+            if job.get("die"):
+                os._exit(1)
+            return True
+        return stop()
+
+    result = Trainer(config_from_dict(job["config"]), events=bus, dist=group, should_stop=should_stop).run()
+    return {"steps_done": result.steps_done, "interrupted": result.interrupted, "checkpoint": str(result.checkpoint),
+            "lora_path": str(result.lora_path), "losses": result.losses}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
