@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -28,9 +29,10 @@ from lora_trainer.train import preflight, runs
 from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, SampleEvent, StepEvent
 from lora_trainer.train.layout import RunLayout
 from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
-from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.optim import apply_update, build_optimizer, build_scheduler
 from lora_trainer.train.preflight import StepPlan, resolve_device
 from lora_trainer.train.preview import write_preview
+from lora_trainer.train.tensorboard import open_summary_writer
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -243,21 +245,9 @@ class Trainer:
                     (scaler.scale(scaled) if scaler else scaled).backward()
                     step_loss += loss.item() / cfg.gradient_accumulation_steps
                     micro_step += 1
-                if scaler:
-                    scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm) if cfg.max_grad_norm \
-                    else None
-                if not math.isfinite(step_loss) or (scaler is None and grad_norm is not None
-                                                    and not torch.isfinite(grad_norm)):
-                    raise NonFiniteLossError(self._non_finite_message(step_loss, progress.global_step + 1, total,
-                                                                      result.checkpoint))
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
+                refuse = functools.partial(self._refuse_non_finite, step_loss, progress.global_step + 1, total,
+                                           result.checkpoint, check_norm=scaler is None)
+                lr = apply_update(optimizer, scheduler, all_params, cfg.max_grad_norm, scaler, before_step=refuse)
                 progress.micro_step = micro_step
                 progress.global_step += 1
                 progress.losses.append(step_loss)
@@ -305,6 +295,12 @@ class Trainer:
         if cfg.preview:
             result.preview_path = self._preview(scan, progress.global_step)
         return result
+
+    def _refuse_non_finite(self, loss: float, step: int, total: int, checkpoint: Path | None,
+                           grad_norm: torch.Tensor | None, *, check_norm: bool) -> None:
+        """Raise before an update whose loss (or, without fp16 loss scaling, gradient norm) is not finite."""
+        if not math.isfinite(loss) or (check_norm and grad_norm is not None and not torch.isfinite(grad_norm)):
+            raise NonFiniteLossError(self._non_finite_message(loss, step, total, checkpoint))
 
     def _non_finite_message(self, loss: float, step: int, total: int, checkpoint: Path | None) -> str:
         kept = (f"the last good checkpoint {checkpoint} is kept" if checkpoint else
@@ -357,12 +353,7 @@ class Trainer:
 
     # ---- outputs ----------------------------------------------------------------------------------
     def _tensorboard(self, layout: RunLayout):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self._log("tensorboard is not installed; no event files are written", "warning")
-            return None
-        return SummaryWriter(str(layout.log_dir))
+        return open_summary_writer(layout.log_dir, notify=self.bus.emit)
 
     def _samples(self, layout: RunLayout, step: int, writer) -> list[Path]:
         cfg = self.cfg

@@ -141,6 +141,9 @@ def launch_training(host: Host, job: TrainingJob, cfg: TrainConfig, *, backgroun
     Refuses (:class:`~lora_trainer.ui.registry.NameTakenError`) before any work when the LoRA name is taken in
     the host's Lora folder and ``cfg.overwrite`` is off, so a run cannot end by failing to install its result.
     """
+    if cfg.task_type != "text-to-image":
+        raise UserError(f"task_type: {cfg.task_type} is not trained in the WebUI (the LoRA Train tab is for image "
+                        "LoRAs); run it from the command line: python -m lora_trainer train --config <file>")
     check_name_free(host.lora_dir(), cfg.output_name, cfg.overwrite)
     if not cfg.base_model:
         cfg = dataclasses.replace(cfg, base_model=host.base_model_path())  # named in the LoRA's metadata
