@@ -61,6 +61,12 @@ class TrainConfig:
         "model folder (alias: model_name_or_path).", path=True)
     task_type: str = _opt("text-to-image", "What is trained: an image LoRA, or a language-model adapter "
                           "(text-generation).", choices=("text-to-image", "text-generation"))
+    v_parameterization: bool = _opt(
+        False, "Train v-prediction (kohya's v_parameterization), for SD2.x 768-v and v-prediction SDXL models whose "
+        "file does not say so. Off: the model's own (its .yaml, a v_pred marker or its scheduler config).")
+    zero_terminal_snr: bool = _opt(
+        False, "Rescale the noise schedule's betas to zero terminal SNR (kohya's zero_terminal_snr), as "
+        "v-prediction models trained that way need; the file's ztsnr marker turns it on too.")
     # lora
     lora_rank: int = _opt(16, "LoRA rank (network dim).", low=1, high=512)
     lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", low=0.0, high=4096.0)
@@ -90,6 +96,12 @@ class TrainConfig:
     mixed_precision: str = _opt("auto", "auto (bf16 or fp16 on CUDA, fp32 on CPU), no, fp16 or bf16.",
                                 choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward: less memory, ~30% slower.")
+    auto_fit: bool = _opt(False, "When the memory plan finds the run too big for the device even after smaller "
+                          "batches, checkpointing and 8-bit AdamW, also lower the resolution (64 px at a time).")
+    channels_last: bool = _opt(False, "Channels-last memory format for the UNet's convolutions (a GPU speed-up "
+                               "on some cards; measure it with benchmarks/gpu.py).")
+    torch_compile: bool = _opt(False, "Compile the UNet with torch.compile (slow first steps; a speed-up on some "
+                               "GPUs; measure it with benchmarks/gpu.py).")
     min_snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5 is typical); off when unset.", low=0.0,
                                        high=1000.0)
     noise_offset: float = _opt(0.0, "Noise offset (0.05-0.1 helps very dark / bright images).", low=0.0, high=1.0)
@@ -156,7 +168,8 @@ KEY_ALIASES = {"model_name_or_path": "base_model", "lora_target_modules": "targe
 TEXT_GENERATION_KEYS = ("max_seq_length", "train_on_prompt", "trust_remote_code", "load_in_4bit", "validation_split",
                         "eval_every", "save_merged", "sample_max_new_tokens")
 IMAGE_KEYS = ("metadata_path", "trigger_word", "resolution", "bucket", "flip_aug", "caption_dropout", "cache_latents",
-              "train_text_encoder", "text_encoder_lr", "min_snr_gamma", "noise_offset", "sample_steps", "preview")
+              "v_parameterization", "zero_terminal_snr", "train_text_encoder", "text_encoder_lr", "auto_fit",
+              "channels_last", "torch_compile", "min_snr_gamma", "noise_offset", "sample_steps", "preview")
 
 
 def apply_key_aliases(data: dict[str, Any]) -> dict[str, Any]:
