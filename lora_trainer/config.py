@@ -181,12 +181,15 @@ def apply_key_aliases(data: dict[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"{alias} is another name for {name}; give only one of them")
             out[name] = out.pop(alias)
     if out.get("task_type") == "text-generation" and "target_modules" not in out:
-        out["target_modules"] = ["all-linear"]
+        out["target_modules"] = [rules.ALL_LINEAR]
     return out
 
 
 def check_task_keys(cfg: TrainConfig) -> None:
     """Settings of the task that only make sense together."""
+    if cfg.task_type == "text-to-image" and cfg.target_modules == [rules.ALL_LINEAR]:
+        raise ConfigError(f"target_modules: {rules.ALL_LINEAR} is for task_type: text-generation; an image LoRA "
+                          f"names UNet modules, e.g. {', '.join(DEFAULT_TARGET_MODULES)} (the default)")
     if cfg.task_type == "text-generation" and cfg.eval_every and not cfg.validation_split:
         raise ConfigError("eval_every is set but validation_split is 0; hold out some examples (e.g. "
                           "validation_split: 0.1) to evaluate on")

@@ -8,8 +8,7 @@ import torch
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
-
-ALL_LINEAR = "all-linear"
+from lora_trainer.validation import ALL_LINEAR
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
@@ -24,7 +23,7 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
 
 def resolve_targets(model: torch.nn.Module, targets: list[str]) -> str | list[str]:
     """``"all-linear"`` or the list of module names, each checked to match a layer of ``model``."""
-    if [t.lower() for t in targets] == [ALL_LINEAR]:
+    if targets == [ALL_LINEAR]:
         return ALL_LINEAR
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
@@ -44,7 +43,8 @@ def add_lora(model: Any, cfg: TrainConfig) -> Any:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it (the old name warns)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grad into checkpoints
     model.config.use_cache = False
     conv1d = any(type(module).__name__ == "Conv1D" for module in model.modules())  # GPT-2 stores W transposed

@@ -33,6 +33,26 @@ def test_text_generation_targets_all_linear_unless_told_otherwise() -> None:
     assert config_from_dict({"train_data_dir": "d", "base_model": "m"}).target_modules[0] == "to_q"
 
 
+def test_all_linear_is_one_choice_of_text_generation_alone() -> None:
+    assert config_from_dict({**LLM, "lora_target_modules": ["ALL-LINEAR"]}).target_modules == ["all-linear"]
+    with pytest.raises(ConfigError, match="target_modules: all-linear already means every linear layer; give it "
+                                          "alone"):
+        config_from_dict({**LLM, "target_modules": ["all-linear", "q_proj"]})
+    for value in ("all-linear", ["all-linear"]):
+        with pytest.raises(ConfigError, match="target_modules: all-linear is for task_type: text-generation; an "
+                                              "image LoRA names UNet modules, e.g. to_q, to_k, to_v, to_out.0"):
+            config_from_dict({"train_data_dir": "d", "base_model": "m", "target_modules": value})
+
+
+def test_the_api_validator_is_the_same_one(tmp_path: Path) -> None:
+    from lora_trainer.ui import api
+    from lora_trainer.ui.host import BaseHost
+
+    code, body = api.start_job_route(object(), BaseHost(tmp_path / "Lora"), {"train_data_dir": "d",
+                                                                         "target_modules": "all-linear"})
+    assert code == 422 and "all-linear is for task_type: text-generation" in body["error"]
+
+
 def test_alias_and_its_key_together_is_an_error() -> None:
     with pytest.raises(ConfigError, match="model_name_or_path is another name for base_model; give only one"):
         config_from_dict({**LLM, "model_name_or_path": "other"})
