@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from lora_trainer.config import TrainConfig
@@ -38,18 +36,15 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
 
 
 def apply_update(optimizer: torch.optim.Optimizer, scheduler, params: list[torch.nn.Parameter],
-                 max_grad_norm: float, scaler=None,
-                 before_step: Callable[[torch.Tensor | None], None] | None = None) -> float:
+                 max_grad_norm: float, scaler=None) -> float:
     """One optimizer update from the summed gradients: unscale (fp16), clip, step, advance the schedule.
 
-    ``before_step(grad_norm)`` runs after clipping and before the weights change (it may raise to refuse the
-    update, e.g. for a non-finite loss). Returns the learning rate the update used.
+    Returns the learning rate the update used.
     """
     if scaler:
         scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
-    if before_step is not None:
-        before_step(grad_norm)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
