@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="lora_trainer_demo", help="folder for the demo's files")
     demo.add_argument("--steps", type=int, default=60, help="training steps")
     demo.set_defaults(func=cmd_demo)
-    from lora_trainer.llm.generate import add_generate_arguments, run_generate
+    from lora_trainer.llm.generate_command import add_generate_arguments, run_generate
 
     generate = sub.add_parser("generate", help="answer a prompt with a trained text-generation adapter")
     add_generate_arguments(generate)

@@ -1,10 +1,9 @@
-"""Validation split, per-epoch batch order and padding of token-id examples into tensors."""
+"""Validation split and padding of token-id examples into tensors (their order: train.micro_batches)."""
 
 from __future__ import annotations
 
 import torch
 
-from lora_trainer.data.dataset import epoch_batches
 from lora_trainer.errors import UserError
 from lora_trainer.llm.dataset import IGNORE_INDEX, TokenizedExample
 
@@ -21,29 +20,6 @@ def split_validation(examples: list[TokenizedExample], fraction: float, seed: in
     held = set(order[:count])
     train = [example for index, example in enumerate(examples) if index not in held]
     return train, [examples[index] for index in sorted(held)]
-
-
-class EpochOrder:
-    """Micro-batch ``n`` of a run: batch ``n % per_epoch`` of epoch ``n // per_epoch``, each epoch shuffled from
-    ``(seed, epoch)`` alone, so a resumed run sees the same batches."""
-
-    def __init__(self, examples: list[TokenizedExample], batch_size: int, seed: int, repeats: int = 1) -> None:
-        self.examples, self.batch_size, self.seed, self.repeats = examples, batch_size, seed, repeats
-        self._epoch: tuple[int, list[list[int]]] | None = None
-        self.per_epoch = len(self._batches(0))
-
-    def _batches(self, epoch: int) -> list[list[int]]:
-        if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, epoch_batches(self.examples, self.batch_size, seed=self.seed, epoch=epoch,
-                                                repeats=self.repeats))
-        return self._epoch[1]
-
-    def at(self, micro_step: int) -> list[TokenizedExample]:
-        epoch, index = divmod(micro_step, self.per_epoch)
-        return [self.examples[i] for i in self._batches(epoch)[index]]
-
-    def epoch_of(self, micro_step: int) -> int:
-        return micro_step // self.per_epoch
 
 
 def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:

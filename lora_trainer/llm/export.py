@@ -1,6 +1,7 @@
 """Write the trained adapter (a peft folder) and, on request, the base model with the adapter merged in.
 
-Both folders are written under a temporary name and renamed into place, so they appear whole or not at all.
+Both folders are written under a temporary name and renamed into place, so they appear whole or not at all; their
+paths come from :class:`~lora_trainer.llm.layout.TextRunLayout` (inside ``output_dir``).
 """
 
 from __future__ import annotations
@@ -8,20 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_dir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def output_folder(output_dir: str | Path, name: str, suffix: str = "") -> Path:
-    """``<output_dir>/<name><suffix>``, refused unless it is a plain folder name inside ``output_dir``."""
-    root = Path(output_dir).resolve()
-    folder = (root / f"{name}{suffix}").resolve()
-    if not name.strip() or folder.parent != root:
-        raise UserError(f"output_name: {name!r} must be a plain name (no folders, '..' or empty) so the adapter "
-                        f"stays inside output_dir {root}")
-    return folder
 
 
 def save_adapter(model: Any, folder: Path, *, overwrite: bool) -> Path:

@@ -1,14 +1,13 @@
-"""Answer prompts with a causal LM (greedy): sample generations while training, and the ``generate`` command."""
+"""Answer prompts with a causal LM (greedy): sample generations while training, and the ``generate`` command's
+answers (:mod:`lora_trainer.llm.generate_command`)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_trainer.config import load_config
 from lora_trainer.errors import UserError
 from lora_trainer.llm.prompting import PromptRenderer
 
@@ -61,28 +60,3 @@ def load_trained(cfg: Any, adapter: Path) -> tuple[Any, Any]:
     base = load_causal_lm(cfg.base_model, device=device, dtype=resolve_precision(cfg.mixed_precision, device),
                           trust_remote_code=cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
     return PeftModel.from_pretrained(base, str(adapter)), tokenizer
-
-
-def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="the YAML the adapter was trained with")
-    parser.add_argument("--prompt", required=True, action="append", help="what to ask (repeat for several)")
-    parser.add_argument("--adapter", default=None, help="adapter folder (default: <output_dir>/<output_name>)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="tokens to generate (default: sample_max_new_tokens of the config)")
-
-
-def run_generate(args: argparse.Namespace) -> int:
-    """Print the trained adapter's answer to each ``--prompt``."""
-    from lora_trainer.llm.export import output_folder
-
-    cfg = load_config(args.config)
-    if cfg.task_type != "text-generation":
-        raise UserError(f"generate needs a config with task_type: text-generation; {args.config} trains "
-                        f"{cfg.task_type}")
-    adapter = Path(args.adapter) if args.adapter else output_folder(cfg.output_dir, cfg.output_name)
-    model, tokenizer = load_trained(cfg, adapter)
-    answers = generate_answers(model, tokenizer, PromptRenderer(tokenizer), list(args.prompt),
-                               max_new_tokens=args.max_new_tokens or cfg.sample_max_new_tokens)
-    for prompt, answer in zip(args.prompt, answers, strict=True):
-        print(f"> {prompt}\n{answer}\n" if len(answers) > 1 else answer)
-    return 0

@@ -8,6 +8,7 @@ cannot be read is listed as a problem with its line number and the rest of the f
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -55,6 +56,20 @@ def list_data_files(path: str | Path) -> tuple[list[Path], Path]:
     if not files:
         raise DataFilesError(f"train_data_dir: no {', '.join(DATA_EXTENSIONS)} files in {path}")
     return files, path
+
+
+def data_file_stamps(path: str | Path) -> dict[str, list]:
+    """``relative name -> [size, content hash]`` of every data file under ``path``: a run's identity (an edit,
+    an added or a removed file makes another run; a copied folder stays the same run)."""
+    files, root = list_data_files(path)
+    stamps: dict[str, list] = {}
+    for file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        stamps[file.relative_to(root).as_posix()] = [file.stat().st_size, digest.hexdigest()[:16]]
+    return stamps
 
 
 def read_records(path: str | Path) -> ReadResult:

@@ -48,7 +48,9 @@ def test_train_ctrl_c_resume_then_generate_answers(tmp_path, facts_data, llm_fol
     assert main(["train", "--config", str(config)]) == 130
     out = capsys.readouterr().out
     assert "warning: task_type text-generation ignores resolution" in out
-    assert f"Interrupted at step 20/40; checkpoint: {tmp_path / 'out' / 'checkpoints' / 'step-000020'}" in out
+    [run_dir] = (tmp_path / "out" / "checkpoints").iterdir()
+    assert run_dir.name.startswith("qa-")
+    assert f"Interrupted at step 20/40; checkpoint: {run_dir / 'step-000020'}" in out
     assert not (tmp_path / "out" / "qa").exists()
 
     monkeypatch.setattr(ProgressBar, "__call__", show)

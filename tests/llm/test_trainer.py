@@ -16,6 +16,7 @@ from lora_trainer.llm.model import load_causal_lm, load_tokenizer
 from lora_trainer.llm.prompting import PromptRenderer
 from lora_trainer.llm.trainer import TextTrainer
 from lora_trainer.train.events import CheckpointEvent, EvalEvent, EventBus, SampleEvent, StepEvent
+from lora_trainer.train.runs import read_record
 from tests.llm.helpers import FACTS, answer_accuracy, llm_config, write_jsonl
 
 CPU = torch.device("cpu")
@@ -96,9 +97,12 @@ def test_samples_checkpoints_and_reports_are_written(trained):
     samples = [e for e in events if isinstance(e, SampleEvent)]
     assert [e.step for e in samples] == [20, 40]
     assert samples[-1].texts == [f"{FACTS[0][0]!r} -> {FACTS[0][1]!r}"]
-    assert (out / "samples" / "step-000040.md").read_text(encoding="utf-8") == f"## {FACTS[0][0]}\n\n{FACTS[0][1]}\n\n"
-    assert [e.step for e in events if isinstance(e, CheckpointEvent)] == [20]
-    assert (out / "checkpoints" / "step-000020" / "lora_state.safetensors").is_file()
+    assert (out / "samples" / "facts" / "step-000040.md").read_text(encoding="utf-8") == \
+        f"## {FACTS[0][0]}\n\n{FACTS[0][1]}\n\n"
+    [checkpoint] = [e.path for e in events if isinstance(e, CheckpointEvent)]
+    assert checkpoint.parent.parent == out / "checkpoints" and checkpoint.parent.name.startswith("facts-")
+    assert checkpoint.name == "step-000020" and (checkpoint / "lora_state.safetensors").is_file()
+    assert read_record(checkpoint.parent)["finished"] is True  # not offered for resuming any more
     assert [e.step for e in events if isinstance(e, StepEvent)] == list(range(1, 41))
     assert (out / "facts.data_report.txt").read_text(encoding="utf-8").startswith("6 training example(s)")
     assert "task_type: text-generation" in (out / "facts.config.yaml").read_text(encoding="utf-8")
