@@ -157,7 +157,8 @@ class TextTrainer:
         scheduler = build_scheduler(cfg, optimizer, total)
         progress = ckpt.Progress(started_at=time.time())
         if plan.resume is not None:
-            progress = self._resume(plan.resume, model, optimizer, scheduler)
+            progress = ckpt.restore_training_state(plan.resume, lambda state: load_trainable_state(model, state),
+                                                   optimizer, scheduler, "adapter")
             self._log(f"resumed from {plan.resume.path} at step {progress.global_step}/{total}")
         model.train()
         run.writer = open_summary_writer(run.layout.log_dir, notify=self.bus.emit)
@@ -177,18 +178,6 @@ class TextTrainer:
             if run.writer:
                 run.writer.close()
         return result
-
-    def _resume(self, loaded: ckpt.LoadedCheckpoint, model: Any, optimizer: Any, scheduler: Any) -> ckpt.Progress:
-        """Put a checkpoint's adapter weights, optimizer, schedule and RNG back; a misfit is a CheckpointError."""
-        try:
-            load_trainable_state(model, loaded.lora_state)
-            optimizer.load_state_dict(loaded.optimizer)
-            scheduler.load_state_dict(loaded.scheduler)
-            ckpt.restore_rng_state(loaded.rng)
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise ckpt.CheckpointError(f"checkpoint {loaded.path} does not fit this run's adapter "
-                                       f"({str(err)[:300]}); start a new run without resume_from") from None
-        return loaded.progress
 
     def _updates(self, run: _Run, result: TextTrainResult, progress: ckpt.Progress, stream: MicroBatches,
                  optimizer: Any, scheduler: Any, params: list) -> None:

@@ -202,18 +202,6 @@ class Trainer:
             self.cfg = dataclasses.replace(self.cfg, **dataclasses.asdict(plan.settings))
         return self.cfg.resolution != resolution
 
-    def _resume(self, loaded: ckpt.LoadedCheckpoint, roots: dict, optimizer, scheduler) -> ckpt.Progress:
-        """Put a checkpoint's LoRA weights, optimizer, schedule and RNG back; a misfit is a CheckpointError."""
-        try:
-            load_lora_state_dict(roots, loaded.lora_state)
-            optimizer.load_state_dict(loaded.optimizer)
-            scheduler.load_state_dict(loaded.scheduler)
-            ckpt.restore_rng_state(loaded.rng)
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise ckpt.CheckpointError(f"checkpoint {loaded.path} does not fit this run's LoRA layers "
-                                       f"({str(err)[:300]}); start a new run without resume_from") from None
-        return loaded.progress
-
     def _train(self, scan: DatasetScan, backbone: Backbone, roots: dict, device: torch.device,
                dtype: torch.dtype, plan: runs.RunPlan, layout: RunLayout, steps: StepPlan, latents: dict | None,
                text_cache: dict | None) -> TrainResult:
@@ -233,7 +221,8 @@ class Trainer:
         scheduler = build_scheduler(cfg, optimizer, total)
         progress = ckpt.Progress(started_at=time.time())
         if plan.resume is not None:
-            progress = self._resume(plan.resume, roots, optimizer, scheduler)
+            progress = ckpt.restore_training_state(plan.resume, lambda state: load_lora_state_dict(roots, state),
+                                                   optimizer, scheduler, "LoRA layers")
             self._log(f"resumed from {plan.resume.path} at step {progress.global_step}/{total}")
         backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
         for module in roots.values():
