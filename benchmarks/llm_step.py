@@ -129,12 +129,26 @@ def run_alone(loop: str, workdir: Path, args: argparse.Namespace) -> dict:
 
 
 def run_paired(workdir: Path, args: argparse.Namespace) -> dict:
-    """Both loops taking turns step by step; the median of the per-step ratios ours / plain."""
+    """Both loops taking turns step by step; the median of the per-step ratios ours / plain.
+
+    Our step is the time from the end of one step report to the next, so the plain step run inside the report is
+    not counted as ours; our losses are read every step here (as the plain loop's ``loss.item()`` does), so each
+    report follows its own step.
+    """
+    from lora_trainer.train.loss_log import LossLog
+
     model, data = prepare(workdir, args)
     plain_step = plain_loop(model, data, args)
     pairs: list[tuple[float, float]] = []
-    our_trainer(workdir, model, data, args,
-                lambda event: pairs.append((event.seconds_per_step, plain_step(event.step - 1))))
+    ended = [time.perf_counter()]
+
+    def on_step(event) -> None:
+        ours = time.perf_counter() - ended[0]
+        pairs.append((ours, plain_step(event.step - 1)))
+        ended[0] = time.perf_counter()
+
+    LossLog.interval_for = staticmethod(lambda device: 0.0)
+    our_trainer(workdir, model, data, args, on_step)
     timed = pairs[args.warmup:]
     return {"ratio": statistics.median(ours / plain for ours, plain in timed),
             "ours": statistics.median(ours for ours, _ in timed), "plain": statistics.median(p for _, p in timed)}
