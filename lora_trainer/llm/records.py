@@ -65,9 +65,13 @@ def data_file_stamps(path: str | Path) -> dict[str, list]:
     stamps: dict[str, list] = {}
     for file in files:
         digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
+        try:
+            with open(file, "rb") as handle:
+                while block := handle.read(1 << 20):
+                    digest.update(block)
+        except OSError:  # skipped (and reported) by read_records; it still marks the data as different
+            stamps[file.relative_to(root).as_posix()] = ["unreadable"]
+            continue
         stamps[file.relative_to(root).as_posix()] = [file.stat().st_size, digest.hexdigest()[:16]]
     return stamps
 
