@@ -1,4 +1,4 @@
-"""Command line: ``python -m lora_trainer {train,demo,clean,caption}``."""
+"""Command line: ``python -m lora_trainer {train,demo,generate,clean,caption}``."""
 
 from __future__ import annotations
 
@@ -38,20 +38,34 @@ class StopFlag:
             signal.signal(signal.SIGTERM, handler)
 
 
+def _make_trainer(cfg, backbone, bus, stop, dist):
+    """The image trainer, or the language-model one for ``task_type: text-generation``."""
+    if cfg.task_type == "text-generation":
+        from lora_trainer.llm.trainer import TextTrainer
+
+        return TextTrainer(cfg, events=bus, should_stop=stop)
+    from lora_trainer.train.trainer import Trainer
+
+    return Trainer(cfg, backbone, events=bus, should_stop=stop, dist=dist)
+
+
 def run_training(cfg, backbone=None, dist=None) -> int:
     """Train with a tqdm bar and Ctrl-C handling; print where the LoRA went. In a data-parallel run (``dist``)
     only the main process shows the bar and prints."""
+    from lora_trainer.config import ignored_keys
     from lora_trainer.train.distributed import SINGLE
-    from lora_trainer.train.events import EventBus
+    from lora_trainer.train.events import EventBus, MessageEvent
     from lora_trainer.train.progress_bar import ProgressBar
-    from lora_trainer.train.trainer import Trainer
 
     dist = dist or SINGLE
     stop = StopFlag()
     stop.install(launched=dist.enabled, quiet=not dist.is_main)
     bar = ProgressBar() if dist.is_main else None
+    bus = EventBus(bar)
+    if ignored_keys(cfg):
+        bus.emit(MessageEvent(f"task_type {cfg.task_type} ignores {', '.join(ignored_keys(cfg))}", "warning"))
     try:
-        result = Trainer(cfg, backbone, events=EventBus(bar), should_stop=stop, dist=dist).run()
+        result = _make_trainer(cfg, backbone, bus, stop, dist).run()
     except RuntimeError as err:
         if type(err).__name__ != "OutOfMemoryError":
             raise
@@ -68,7 +82,9 @@ def run_training(cfg, backbone=None, dist=None) -> int:
         print(f"Interrupted at step {result.steps_done}/{result.total_steps}; {where}")
         print("Resume with: python -m lora_trainer train --config <file> --resume")
         return 130
-    print(f"LoRA saved: {result.lora_path}")
+    print(f"{'Adapter' if cfg.task_type == 'text-generation' else 'LoRA'} saved: {result.lora_path}")
+    if getattr(result, "merged_path", None):
+        print(f"Merged model saved: {result.merged_path}")
     return 0
 
 
@@ -115,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="lora_trainer_demo", help="folder for the demo's files")
     demo.add_argument("--steps", type=int, default=60, help="training steps")
     demo.set_defaults(func=cmd_demo)
+    from lora_trainer.llm.generate_command import add_generate_arguments, run_generate
+
+    generate = sub.add_parser("generate", help="answer a prompt with a trained text-generation adapter")
+    add_generate_arguments(generate)
+    generate.set_defaults(func=run_generate)
     _add_optional_commands(sub)
     return parser
 

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,21 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
         return LoadedCheckpoint(path, progress, lora_state, state["optimizer"], state["scheduler"], state["rng"])
     except Exception as err:  # noqa: BLE001 - safetensors, json and a damaged structure raise many kinds
         raise CheckpointError(f"checkpoint {path} is unreadable: {current}: {short_repr(str(err))}") from None
+
+
+def restore_training_state(loaded: LoadedCheckpoint, load_weights: Callable[[dict[str, torch.Tensor]], None],
+                           optimizer: torch.optim.Optimizer, scheduler: Any, what: str) -> Progress:
+    """Put a checkpoint's trained weights (through ``load_weights``), optimizer, schedule and RNG back; its
+    progress. A checkpoint that does not fit (``what``: the run's LoRA layers, its adapter) is a CheckpointError."""
+    try:
+        load_weights(loaded.lora_state)
+        optimizer.load_state_dict(loaded.optimizer)
+        scheduler.load_state_dict(loaded.scheduler)
+        restore_rng_state(loaded.rng)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {loaded.path} does not fit this run's {what} ({str(err)[:300]}); start a "
+                              "new run without resume_from") from None
+    return loaded.progress
 
 
 def load_newest_readable(run_dir: str | Path, warn: Any = print) -> LoadedCheckpoint | None:

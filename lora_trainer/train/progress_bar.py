@@ -6,7 +6,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lora_trainer.train.events import CheckpointEvent, MessageEvent, SampleEvent, StepEvent
+from lora_trainer.train.events import CheckpointEvent, EvalEvent, MessageEvent, SampleEvent, StepEvent
 
 
 class ProgressBar:
@@ -27,6 +27,10 @@ class ProgressBar:
             tqdm.write(f"checkpoint: {event.path}")
         elif isinstance(event, SampleEvent):
             tqdm.write(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}")
+            for text in event.texts:
+                tqdm.write(f"  {text}")
+        elif isinstance(event, EvalEvent):
+            tqdm.write(f"step {event.step}: eval loss {event.loss:.4f}, perplexity {event.perplexity:.2f}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import IMAGE_KEYS, TrainConfig
 from lora_trainer.data.dataset import DatasetScan
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.train import checkpoint as ckpt
@@ -31,6 +31,9 @@ IDENTITY_KEYS = ("task_type", "trigger_word", "resolution", "bucket", "repeats",
                  "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "train_text_encoder", "epochs",
                  "max_steps", "learning_rate", "text_encoder_lr", "optimizer", "weight_decay", "max_grad_norm",
                  "scheduler", "warmup_steps", "min_snr_gamma", "noise_offset", "seed")
+# a text-generation run: the same minus the image-only keys, plus what shapes its token sequences
+TEXT_IDENTITY_KEYS = (*(key for key in IDENTITY_KEYS if key not in IMAGE_KEYS), "max_seq_length", "train_on_prompt",
+                      "validation_split")
 Log = Callable[[str], None]
 
 
@@ -63,7 +66,8 @@ def data_files(scan: DatasetScan, with_times: bool = True) -> dict[str, list]:
 def weight_settings(cfg: TrainConfig, processes: int = 1) -> dict[str, Any]:
     """The identity settings of ``cfg`` trained by ``processes`` data-parallel processes (``epochs`` only counts
     when ``max_steps`` is unset)."""
-    settings = {key: getattr(cfg, key) for key in IDENTITY_KEYS}
+    keys = TEXT_IDENTITY_KEYS if cfg.task_type == "text-generation" else IDENTITY_KEYS
+    settings = {key: getattr(cfg, key) for key in keys}
     settings["target_modules"] = list(cfg.target_modules)
     settings["base_model"] = Path(cfg.base_model).name if cfg.base_model else None
     # the batch per update, not how it is split: the out-of-memory ladder halves batch_size and doubles the
@@ -148,14 +152,17 @@ def run_dirs(root: Path, name: str | None = None) -> list[Path]:
 
 
 def remove_stale_temporaries(layout: RunLayout) -> list[Path]:
-    """Delete what a killed run named ``layout.output_name`` left half-written: temporary files of its LoRA and
-    config (``.<name>.safetensors.*.tmp``), unfinished checkpoint folders of its runs, and the old layout's."""
+    """Delete what a killed run named ``layout.output_name`` left half-written: temporary files (or folders) of
+    its outputs (``.<name>.safetensors.*.tmp``), unfinished checkpoint folders of its runs, and the old layout's."""
     removed = []
-    prefixes = tuple(f".{layout.output_name}{suffix}." for suffix in (".safetensors", ".config.yaml"))
+    prefixes = tuple(f".{name}." for name in layout.output_names())
     if layout.output_dir.is_dir():
         for path in layout.output_dir.iterdir():
-            if path.name.startswith(prefixes) and path.name.endswith(ckpt.TMP_SUFFIX) and path.is_file():
-                path.unlink(missing_ok=True)
+            if path.name.startswith(prefixes) and path.name.endswith(ckpt.TMP_SUFFIX) and not path.is_symlink():
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 removed.append(path)
     root = layout.checkpoints_root
     if root.is_dir():

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from lora_trainer.config import TrainConfig, dump_config
 from lora_trainer.data.dataset import DatasetScan, TrainItem, load_pixels, scan_dataset
-from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text, reporting_os_errors
 from lora_trainer.lora.export import save_lora
 from lora_trainer.lora.inject import inject_lora, load_lora_state_dict, lora_state_dict, remove_lora
@@ -35,10 +34,12 @@ from lora_trainer.train.memory_plan import Settings as MemorySettings
 from lora_trainer.train.memory_plan import plan_run as plan_memory
 from lora_trainer.train.micro_batches import MicroBatches
 from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
+from lora_trainer.train.non_finite import NonFiniteLossError, non_finite_message, refuse_non_finite_weights
 from lora_trainer.train.oom_guard import OOM_ERRORS, OomGuard, SpillWatch, device_memory_fraction
-from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.optim import apply_update, build_optimizer, build_scheduler
 from lora_trainer.train.preflight import StepPlan, resolve_device
 from lora_trainer.train.preview import write_preview
+from lora_trainer.train.tensorboard import open_summary_writer
 from lora_trainer.train.transfer import to_device
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -56,10 +57,6 @@ class TrainResult:
     interrupted: bool = False
     sample_paths: list[Path] = field(default_factory=list)
     preview_path: Path | None = None
-
-
-class NonFiniteLossError(UserError):
-    """The loss (or the gradients) became NaN or infinite; the update was not applied."""
 
 
 class _StoppedWhileCaching(Exception):
@@ -220,18 +217,6 @@ class Trainer:
             self.cfg = dataclasses.replace(self.cfg, **dataclasses.asdict(settings))
         return self.cfg.resolution != resolution
 
-    def _resume(self, loaded: ckpt.LoadedCheckpoint, roots: dict, optimizer, scheduler) -> ckpt.Progress:
-        """Put a checkpoint's LoRA weights, optimizer, schedule and RNG back; a misfit is a CheckpointError."""
-        try:
-            load_lora_state_dict(roots, loaded.lora_state)
-            optimizer.load_state_dict(loaded.optimizer)
-            scheduler.load_state_dict(loaded.scheduler)
-            ckpt.restore_rng_state(loaded.rng)
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise ckpt.CheckpointError(f"checkpoint {loaded.path} does not fit this run's LoRA layers "
-                                       f"({str(err)[:300]}); start a new run without resume_from") from None
-        return loaded.progress
-
     def _train(self, scan: DatasetScan, backbone: Backbone, roots: dict, device: torch.device,
                dtype: torch.dtype, plan: runs.RunPlan, layout: RunLayout, steps: StepPlan, latents: dict | None,
                text_cache: dict | None) -> TrainResult:
@@ -251,7 +236,8 @@ class Trainer:
         scheduler = build_scheduler(cfg, optimizer, total)
         progress = ckpt.Progress(started_at=time.time())
         if plan.resume is not None:
-            progress = self._resume(plan.resume, roots, optimizer, scheduler)
+            progress = ckpt.restore_training_state(plan.resume, lambda state: load_lora_state_dict(roots, state),
+                                                   optimizer, scheduler, "LoRA layers")
             self._log(f"resumed from {plan.resume.path} at step {progress.global_step}/{total}")
         backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
         for module in roots.values():
@@ -270,8 +256,8 @@ class Trainer:
             logged = loss_log.flush()
             for entry in logged:
                 if not math.isfinite(entry.loss):
-                    raise NonFiniteLossError(self._non_finite_message(entry.loss, entry.step, total,
-                                                                      result.checkpoint))
+                    raise NonFiniteLossError(non_finite_message(entry.loss, entry.step, total, result.checkpoint,
+                                                                cfg.learning_rate))
                 progress.losses.append(entry.loss)
                 self.bus.emit(StepEvent(entry.step, total, entry.epoch, entry.loss, entry.lr, entry.seconds))
                 if writer:
@@ -317,17 +303,7 @@ class Trainer:
                     self._log(f"out of memory at step {progress.global_step + 1}; {change}; the step runs again",
                               "warning")
                     continue
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
+                lr = apply_update(optimizer, scheduler, all_params, cfg.max_grad_norm, scaler)
                 progress.global_step += 1
                 loss_log.add(progress.global_step, stream.epoch_of(progress.micro_step), lr, micro_losses)
                 saving = cfg.save_steps and progress.global_step % cfg.save_steps == 0
@@ -394,13 +370,6 @@ class Trainer:
             failure = torch.cuda.OutOfMemoryError("CUDA out of memory in another process of this run")
         return sync.losses, sync.stop, failure
 
-    def _non_finite_message(self, loss: float, step: int, total: int, checkpoint: Path | None) -> str:
-        kept = (f"the last good checkpoint {checkpoint} is kept" if checkpoint else
-                "no checkpoint had been written yet (save_steps is 0 or not reached)")
-        return (f"the loss became {loss} at step {step}/{total}; training stopped, nothing from that step on was "
-                f"saved and {kept}. Lower learning_rate (now {self.cfg.learning_rate:g}) or use mixed_precision: "
-                "bf16 or no, then start again")
-
     # ---- pieces of a step -------------------------------------------------------------------------
     def _captions(self, indices: list[int], items: list[TrainItem], gen: torch.Generator) -> list[str]:
         drop = torch.rand(len(indices), generator=gen).tolist()
@@ -451,12 +420,7 @@ class Trainer:
 
     # ---- outputs ----------------------------------------------------------------------------------
     def _tensorboard(self, layout: RunLayout):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self._log("tensorboard is not installed; no event files are written", "warning")
-            return None
-        return SummaryWriter(str(layout.log_dir))
+        return open_summary_writer(layout.log_dir, notify=self.bus.emit)
 
     def _samples(self, layout: RunLayout, step: int, writer) -> list[Path]:
         cfg = self.cfg
@@ -511,10 +475,7 @@ class Trainer:
                 total: int) -> Path:
         cfg = self.cfg
         kohya = to_kohya_state_dict(roots, cfg.lora_alpha)
-        broken = [key for key, value in kohya.items() if not torch.isfinite(value).all()]
-        if broken:
-            raise NonFiniteLossError(f"the trained LoRA holds NaN or infinite values ({broken[0]} ...); it was not "
-                                     "saved. Lower learning_rate and start again")
+        refuse_non_finite_weights(kohya, "LoRA")
         path = save_lora(layout.lora_file, kohya, self._metadata(progress, scan, total), overwrite=cfg.overwrite)
         self._log(f"saved {path}")
         return path
