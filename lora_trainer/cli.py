@@ -43,7 +43,7 @@ def _make_trainer(cfg, backbone, bus, stop, dist):
     if cfg.task_type == "text-generation":
         from lora_trainer.llm.trainer import TextTrainer
 
-        return TextTrainer(cfg, events=bus, should_stop=stop)
+        return TextTrainer(cfg, events=bus, should_stop=stop, dist=dist)
     from lora_trainer.train.trainer import Trainer
 
     return Trainer(cfg, backbone, events=bus, should_stop=stop, dist=dist)

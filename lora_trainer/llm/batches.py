@@ -22,6 +22,12 @@ def split_validation(examples: list[TokenizedExample], fraction: float, seed: in
     return train, [examples[index] for index in sorted(held)]
 
 
+def supervised_tokens(examples: list[TokenizedExample]) -> int:
+    """How many tokens of ``examples`` the loss is taken over: labelled ones, past the first (a causal LM's loss
+    predicts token t + 1 from tokens up to t)."""
+    return sum(sum(1 for label in example.labels[1:] if label != IGNORE_INDEX) for example in examples)
+
+
 def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on padding)."""
     length = max(len(example.input_ids) for example in examples)

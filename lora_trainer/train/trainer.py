@@ -343,20 +343,18 @@ class Trainer:
             if writer:
                 writer.close()
             return result
-
-        def finish() -> Path:
-            if cfg.sample_prompts:
-                result.sample_paths += self._samples(layout, progress.global_step, writer)
-            if writer:
-                writer.close()
-            result.lora_path = self._export(layout, progress, roots, scan, total)
-            atomic_write_text(layout.config_file, dump_config(cfg))  # only now: a failed run leaves the old one
-            runs.mark_finished(plan, result.lora_path)
-            if cfg.preview:
-                result.preview_path = self._preview(scan, progress.global_step)
-            return result.lora_path
-
-        result.lora_path = dist.on_main(finish)  # the others wait for it: a failure there fails them too
+        if not dist.is_main:  # the main process writes the outputs; the others are done
+            result.lora_path = layout.lora_file
+            return result
+        if cfg.sample_prompts:
+            result.sample_paths += self._samples(layout, progress.global_step, writer)
+        if writer:
+            writer.close()
+        result.lora_path = self._export(layout, progress, roots, scan, total)
+        atomic_write_text(layout.config_file, dump_config(cfg))  # only now: a failed run leaves the old one
+        runs.mark_finished(plan, result.lora_path)
+        if cfg.preview:
+            result.preview_path = self._preview(scan, progress.global_step)
         return result
 
     def _sync_update(self, params: list[torch.Tensor], micro_losses: list[torch.Tensor | None],

@@ -89,7 +89,13 @@ def run_job(job: dict, group) -> dict:
             return True
         return stop()
 
-    result = Trainer(config_from_dict(job["config"]), events=bus, dist=group, should_stop=should_stop).run()
+    cfg = config_from_dict(job["config"])
+    if cfg.task_type == "text-generation":
+        from lora_trainer.llm.trainer import TextTrainer
+
+        result = TextTrainer(cfg, events=bus, dist=group, should_stop=should_stop).run()
+    else:
+        result = Trainer(cfg, events=bus, dist=group, should_stop=should_stop).run()
     return {"steps_done": result.steps_done, "interrupted": result.interrupted, "checkpoint": str(result.checkpoint),
             "lora_path": str(result.lora_path), "losses": result.losses}
 

@@ -1,5 +1,6 @@
-"""Data-parallel training: the launcher's environment, and two CPU processes (torchrun, gloo) that train the LoRA
-one process trains with twice the batch, write nothing but from the main process, and stop together."""
+"""Data-parallel training: the launcher's environment, and two CPU processes (torchrun, gloo) that train the image
+LoRA and the text LoRA one process trains with twice the batch, write nothing but from the main process, and stop
+together with one resumable checkpoint."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,11 +87,16 @@ def test_shares_of_a_global_batch():
 
 
 # ---- two processes --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from lora_trainer.models.tiny import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("dist_model"))
+# One torchrun launch runs every two-process job (starting processes is what costs); the tests below check them.
+# Image: 5 images, so the third batch is short (1 image). 128 px, not 64: at 64 px the tiny UNet's deepest blocks
+# are 1x1 and their one-channel GroupNorm turns float rounding (a batch of 2 against two of 1) into gradient noise
+# that AdamW's first steps blow up to the size of the learning rate.
+IMAGE = {"resolution": 128, "lora_rank": 4, "lora_alpha": 4, "max_steps": 5, "learning_rate": 1e-4, "seed": 3,
+         "device": "cpu", "preview": False, "flip_aug": True, "caption_dropout": 0.3, "noise_offset": 0.05,
+         "min_snr_gamma": 5.0, "train_text_encoder": True, "output_name": "shapes"}
+# Text: the examples' supervised tokens differ in number, so the token weighting of the processes' losses counts.
+TEXT = {"task_type": "text-generation", "output_name": "facts", "lora_rank": 8, "lora_alpha": 16,
+        "learning_rate": 1e-3, "max_steps": 4, "max_seq_length": 64, "seed": 0, "device": "cpu"}
 
 
 def torchrun(spec: dict, workdir: Path, processes: int = 2) -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -105,11 +112,42 @@ def torchrun(spec: dict, workdir: Path, processes: int = 2) -> tuple[subprocess.
     return done, records
 
 
-def lora_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> SimpleNamespace:
+    """Two processes under torchrun: the image and the text run from the command line (batch_size 1 and 2 per
+    process), each again with process 1 asking to stop after step 2, and last an image run whose process 1 dies
+    after step 2 (the group is broken after it)."""
+    from lora_trainer.demo import make_demo_dataset
+    from lora_trainer.llm.tiny import build_tokenizer, write_tiny_causal_lm
+    from lora_trainer.models.tiny import write_tiny_checkpoint
+    from tests.llm.helpers import CORPUS, FACTS, write_jsonl
+
+    root = tmp_path_factory.mktemp("distributed")
+    image = {**IMAGE, "train_data_dir": str(make_demo_dataset(root / "shapes", count=5, size=128)),
+             "base_model": str(write_tiny_checkpoint(root / "model"))}
+    facts = [{"instruction": question, "input": "", "output": answer} for question, answer in FACTS]
+    text = {**TEXT, "train_data_dir": str(write_jsonl(root / "facts" / "facts.jsonl", facts).parent),
+            "base_model": str(write_tiny_causal_lm(root / "llm", "llama", build_tokenizer(CORPUS), seed=0))}
+    outputs = root / "runs"  # everything the processes write goes here; the records beside it
+    jobs = []
+    for name, base, batch in (("image", image, 1), ("text", text, 2)):
+        config = root / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({**base, "batch_size": batch, "output_dir": str(outputs / name)}),
+                          encoding="utf-8")
+        jobs += [{"cli": ["train", "--config", str(config)]},
+                 {"config": {**base, "batch_size": batch, "output_dir": str(outputs / f"{name}-stopped")},
+                  "stop_rank": 1, "stop_after": 2}]
+    jobs.append({"config": {**image, "batch_size": 1, "output_dir": str(outputs / "image-lost")}, "stop_rank": 1,
+                 "stop_after": 2, "die": True})
+    done, records = torchrun({"watch": str(outputs), "jobs": jobs}, root)
+    assert len(records[0].get("results", ())) == len(jobs), done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode != 0 and len(records[1]["results"]) == len(jobs) - 1  # process 1 died in the last
+    return SimpleNamespace(outputs=outputs, image=image, text=text, done=done, records=records,
+                           results=[[record["results"][index] for record in records if len(record["results"]) > index]
+                                    for index in range(len(jobs))])
 
 
-def assert_same_lora(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     """max |diff| <= 1e-4 of the largest weight (the alpha scalars are not weights)."""
     assert got.keys() == want.keys()
     largest = max(w.abs().max().item() for key, w in want.items() if not key.endswith(".alpha"))
@@ -117,63 +155,62 @@ def assert_same_lora(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
     assert worst <= 1e-4 * largest, (worst, largest)
 
 
-def test_two_processes_train_the_lora_of_one_with_twice_the_batch(tiny_model, tmp_path):
-    """torchrun, 2 CPU processes (gloo), batch_size 1 each == one process with batch_size 2: the LoRA, one LoRA
-    file, one TensorBoard run, nothing written by process 1. Then process 1 asks to stop after step 2: every
-    process stops at the same step, one resumable checkpoint is written, and one process (batch 2) resumes it to
-    the same LoRA. Last, process 1 dies after step 2: process 0 saves the last complete step, which resumes too."""
-    from lora_trainer.demo import make_demo_dataset
+def test_nothing_is_written_but_by_the_main_process(launched):
+    assert launched.records[1]["changes"] == [] and launched.records[0]["changes"]
+    assert launched.results[0] == launched.results[2] == [0, 0]  # both command lines, both processes
+    assert launched.done.stdout.count("LoRA saved:") == 1 and launched.done.stdout.count("Adapter saved:") == 1
 
-    # 5 images: the third batch is short (1 image). 128 px, not 64: at 64 px the tiny UNet's deepest blocks are
-    # 1x1 and their one-channel GroupNorm turns float rounding (batch of 2 vs two of 1) into gradient noise that
-    # AdamW's first steps blow up to the size of the learning rate
-    data = make_demo_dataset(tmp_path / "data", count=5, size=128)
-    base = {"train_data_dir": str(data), "base_model": str(tiny_model), "resolution": 128, "lora_rank": 4,
-            "lora_alpha": 4, "max_steps": 5, "learning_rate": 1e-4, "seed": 3, "device": "cpu", "preview": False,
-            "flip_aug": True, "caption_dropout": 0.3, "noise_offset": 0.05, "min_snr_gamma": 5.0,
-            "train_text_encoder": True, "output_name": "shapes"}
-    outputs = tmp_path / "runs"  # everything the processes write goes here, the records beside it
-    two, stopped, lost = outputs / "two", outputs / "stopped", outputs / "lost"
-    config = tmp_path / "two.yaml"
-    config.write_text(yaml.safe_dump({**base, "batch_size": 1, "output_dir": str(two)}), encoding="utf-8")
-    done, runs = torchrun({"watch": str(outputs), "jobs": [
-        {"cli": ["train", "--config", str(config)]},
-        {"config": {**base, "batch_size": 1, "output_dir": str(stopped)}, "stop_rank": 1, "stop_after": 2},
-        {"config": {**base, "batch_size": 1, "output_dir": str(lost)}, "stop_rank": 1, "stop_after": 2,
-         "die": True}]}, tmp_path)
-    assert len(runs[0].get("results", ())) == 3, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.returncode != 0 and len(runs[1]["results"]) == 2  # process 1 died in the last job
 
-    # one process, batch 2: the reference
+def test_two_image_processes_train_the_lora_of_one_with_twice_the_batch(launched, tmp_path):
+    """Processes of batch_size 1 == one process of batch_size 2; one LoRA file, one TensorBoard run. Process 1
+    asks to stop after step 2: both stop at step 3 with one checkpoint; process 1 dies after step 2: process 0
+    keeps step 2, the last one every process finished; one process (batch 2) resumes either to the same LoRA."""
+    base, two = launched.image, launched.outputs / "image"
     one = Trainer(config_from_dict({**base, "batch_size": 2, "output_dir": str(tmp_path / "one")})).run()
-    assert_same_lora(lora_weights(two / "shapes.safetensors"), lora_weights(one.lora_path))
-
-    # only the main process wrote, and printed; exactly one LoRA file and one TensorBoard run
-    assert runs[1]["changes"] == [] and runs[0]["changes"]
-    assert runs[0]["results"][0] == runs[1]["results"][0] == 0
-    assert done.stdout.count("LoRA saved:") == 1
-    assert sorted(p.name for p in two.glob("*.safetensors")) == ["shapes.safetensors"]
-    assert len(list((two / "logs").glob("events.out.tfevents.*"))) == 1
+    assert_same_weights(load_file(str(two / "shapes.safetensors")), load_file(str(one.lora_path)))
     assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "logs", "shapes.config.yaml",
                                                      "shapes.safetensors"]
+    assert len(list((two / "logs").glob("events.out.tfevents.*"))) == 1
 
-    # process 1 stopped after step 2: both stop at step 3 (the update it asked during), one checkpoint
-    first, second = runs[0]["results"][1], runs[1]["results"][1]
+    stopped, lost = launched.outputs / "image-stopped", launched.outputs / "image-lost"
+    first, second = launched.results[1]
     assert first["interrupted"] and second["interrupted"]
     assert first["steps_done"] == second["steps_done"] == 3 and first["checkpoint"] == second["checkpoint"]
     checkpoints = sorted((stopped / "checkpoints").glob("*/step-*"))
     assert [p.name for p in checkpoints] == ["step-000003"] and str(checkpoints[0]) == first["checkpoint"]
     assert not list(stopped.glob("*.safetensors"))
     assert first["losses"] == pytest.approx(one.losses[:3], rel=1e-5)
-
-    # process 1 died during update 3: process 0 kept step 2, the last one every process finished
-    survivor = runs[0]["results"][2]
+    [survivor] = launched.results[4]
     assert survivor["interrupted"] and survivor["steps_done"] == 2
     assert [p.name for p in (lost / "checkpoints").glob("*/step-*")] == ["step-000002"]
 
-    # each checkpoint resumes under one process with the same effective batch, to the same LoRA
-    for folder, at in ((stopped, 3), (lost, 2)):
+    for folder in (stopped, lost):
         resumed = Trainer(config_from_dict({**base, "batch_size": 2, "output_dir": str(folder),
                                             "resume_from": "latest"})).run()
-        assert resumed.steps_done == 5 and resumed.losses == pytest.approx(one.losses, rel=1e-5), at
-        assert_same_lora(lora_weights(resumed.lora_path), lora_weights(one.lora_path))
+        assert resumed.steps_done == 5 and resumed.losses == pytest.approx(one.losses, rel=1e-5), folder
+        assert_same_weights(load_file(str(resumed.lora_path)), load_file(str(one.lora_path)))
+
+
+def test_two_text_processes_train_the_adapter_of_one_with_twice_the_batch(launched, tmp_path):
+    """Processes of batch_size 2, losses weighted by their supervised tokens == one process of batch_size 4; one
+    adapter, one TensorBoard run; process 1 asks to stop after step 2: one checkpoint, which one process resumes to
+    the same adapter."""
+    from lora_trainer.llm.trainer import TextTrainer
+
+    base, two = launched.text, launched.outputs / "text"
+    one = TextTrainer(config_from_dict({**base, "batch_size": 4, "output_dir": str(tmp_path / "one")})).run()
+    adapter = "adapter_model.safetensors"
+    assert_same_weights(load_file(str(two / "facts" / adapter)), load_file(str(one.lora_path / adapter)))
+    assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "facts", "facts.config.yaml",
+                                                     "facts.data_report.txt", "logs"]
+    assert len(list((two / "logs").glob("events.out.tfevents.*"))) == 1
+
+    stopped = launched.outputs / "text-stopped"
+    first, second = launched.results[3]
+    assert first["interrupted"] and first["steps_done"] == second["steps_done"] == 3
+    assert [p.name for p in (stopped / "checkpoints").glob("*/step-*")] == ["step-000003"]
+    assert first["losses"] == pytest.approx(one.losses[:3], rel=1e-5)
+    resumed = TextTrainer(config_from_dict({**base, "batch_size": 4, "output_dir": str(stopped),
+                                            "resume_from": "latest"})).run()
+    assert resumed.losses == pytest.approx(one.losses, rel=1e-5)
+    assert_same_weights(load_file(str(resumed.lora_path / adapter)), load_file(str(one.lora_path / adapter)))
