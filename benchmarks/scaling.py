@@ -29,23 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def make_images(folder: Path, count: int, size: int) -> Path:
-    import numpy as np
-    from PIL import Image
-
-    from lora_trainer.data.captions import write_metadata_csv
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    captions = {}
-    for index in range(count):
-        name = f"{index:03d}.png"
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / name)
-        captions[name] = f"a picture number {index}"
-    write_metadata_csv(folder / "metadata.csv", captions)
-    return folder
-
-
 def worker(spec_path: str) -> None:
     """One process of a case (started by torchrun): train, and on the main process write the step times."""
     import torch
@@ -122,8 +105,10 @@ def main() -> None:
             from lora_trainer.models.tiny import write_tiny_checkpoint
 
             base_model = write_tiny_checkpoint(workdir / "model", width=args.width)
-        global_batch = args.batch_size * max(args.processes)
-        data = make_images(workdir / "data", max(global_batch * 2, 8), args.resolution)
+        from benchmarks.train_step import make_images
+
+        data = workdir / "data"
+        make_images(data, max(args.batch_size * max(args.processes) * 2, 8), args.resolution)
         print(f"device {args.device}, {base_model.name} (width {args.width}), {args.resolution} px, batch "
               f"{args.batch_size} per process, {args.steps} timed steps after {args.warmup}, {args.threads} "
               f"thread(s) per process, {os.cpu_count()} CPU cores")

@@ -78,7 +78,8 @@ class TrainConfig:
         factory=lambda: list(DEFAULT_TARGET_MODULES), max_len=200, max_items=64, check=rules.check_module_names)
     train_text_encoder: bool = _opt(False, "Also train LoRA layers on the text encoder.")
     # optimisation
-    batch_size: int = _opt(1, "Images (text-generation: examples) per step.", low=1, high=256)
+    batch_size: int = _opt(1, "Images (text-generation: examples) per step, per process when several train "
+                           "data-parallel (torchrun, accelerate launch).", low=1, high=256)
     gradient_accumulation_steps: int = _opt(1, "Steps whose gradients are summed before an update.", low=1,
                                             high=256)
     epochs: int = _opt(10, "Passes over the data set (ignored when max_steps is set).", low=1, high=10_000)

@@ -229,12 +229,6 @@ class Distributed:
             raise DistributedError(f"{what} differs between the processes: process(es) {differ} see other {what} "
                                    "than process 0; every machine needs the same files at the same paths")
 
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            self._collective("a barrier", dist.barrier)
-
     def close(self) -> None:
         """End the process group :func:`start` created (a no-op alone, or in a group someone else started)."""
         if self.enabled and self.owns_group:
@@ -247,19 +241,21 @@ class Distributed:
 SINGLE = Distributed()
 
 
-def start(device_name: str, *, sharding_supported: bool = False) -> Distributed:
+def start(device_name: str) -> Distributed:
     """Join the process group the launcher's environment describes (or use the one this program has started
-    already), or return :data:`SINGLE` when this process runs alone.
+    already), or return :data:`SINGLE` when this process runs alone. ``device_name`` is the config's ``device``.
 
-    ``device_name`` is the config's ``device``; ``sharding_supported`` says whether the trainer can honour
-    ``accelerate launch``'s FSDP / DeepSpeed settings (a DistributedError when they are set and it cannot)."""
+    ``accelerate launch`` configured for sharded weights (FSDP, DeepSpeed, Megatron-LM) is refused: every process
+    holds the whole model."""
     environ = os.environ
     launch = read_launch(environ)
     scheme = requested_sharding(environ)
-    if scheme is not None and not sharding_supported:
-        raise DistributedError(f"accelerate launch was configured for {scheme}, which shards the weights of a model "
-                               "too big for one GPU; this trainer trains data-parallel: launch it with a config "
-                               "without distributed_type: FSDP / DEEPSPEED (or plain torchrun)")
+    if scheme is not None:
+        raise DistributedError(
+            f"accelerate launch is configured for {scheme} (sharded weights), which lora-trainer does not do: each "
+            "process holds the whole base model and trains its share of every batch. Launch with a data-parallel "
+            "config (examples/accelerate_multi_gpu.yaml) or torchrun; for a language model too big for one GPU, "
+            "set load_in_4bit: true (QLoRA) and gradient_checkpointing: true")
     if launch is None:
         return SINGLE
     import torch.distributed as dist

@@ -66,6 +66,19 @@ def test_alone_the_process_group_is_never_touched(monkeypatch):
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
+def test_the_trainer_in_a_process_of_its_own_ignores_a_launcher(monkeypatch, make_tiny_backbone, shapes_dataset,
+                                                                tmp_path):
+    """The WebUI tab builds its Trainer without ``dist``: a launcher's environment in the WebUI's process changes
+    nothing (no process group, the LoRA written as by any one process)."""
+    for name, value in {**LAUNCH, "ACCELERATE_USE_FSDP": "true"}.items():
+        monkeypatch.setenv(name, value)
+    cfg = config_from_dict({"train_data_dir": str(shapes_dataset), "base_model": "given", "output_dir": str(tmp_path),
+                            "resolution": 64, "max_steps": 1, "lora_rank": 4, "device": "cpu", "preview": False})
+    result = Trainer(cfg, make_tiny_backbone()).run()
+    assert result.lora_path is not None and result.lora_path.is_file()
+    assert not torch.distributed.is_initialized()
+
+
 def test_one_named_gpu_cannot_serve_several_processes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
