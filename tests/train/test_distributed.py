@@ -100,7 +100,8 @@ def test_shares_of_a_global_batch():
 
 
 # ---- two processes --------------------------------------------------------------------------------------------
-# One torchrun launch runs every two-process job (starting processes is what costs); the tests below check them.
+# One torchrun launch runs every two-process job (starting processes is what costs) and one test checks them all
+# (tests of one module may run in different pytest-xdist workers, each of which would launch again).
 # Image: 5 images, so the third batch is short (1 image). 128 px, not 64: at 64 px the tiny UNet's deepest blocks
 # are 1x1 and their one-channel GroupNorm turns float rounding (a batch of 2 against two of 1) into gradient noise
 # that AdamW's first steps blow up to the size of the learning rate.
@@ -125,8 +126,7 @@ def torchrun(spec: dict, workdir: Path, processes: int = 2) -> tuple[subprocess.
     return done, records
 
 
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory) -> SimpleNamespace:
+def launch_two_processes(root: Path) -> SimpleNamespace:
     """Two processes under torchrun: the image and the text run from the command line (batch_size 1 and 2 per
     process), each again with process 1 asking to stop after step 2, and last an image run whose process 1 dies
     after step 2 (the group is broken after it)."""
@@ -135,7 +135,7 @@ def launched(tmp_path_factory) -> SimpleNamespace:
     from lora_trainer.models.tiny import write_tiny_checkpoint
     from tests.llm.helpers import CORPUS, FACTS, write_jsonl
 
-    root = tmp_path_factory.mktemp("distributed")
+    root.mkdir(parents=True)
     image = {**IMAGE, "train_data_dir": str(make_demo_dataset(root / "shapes", count=5, size=128)),
              "base_model": str(write_tiny_checkpoint(root / "model"))}
     facts = [{"instruction": question, "input": "", "output": answer} for question, answer in FACTS]
@@ -168,13 +168,19 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     assert worst <= 1e-4 * largest, (worst, largest)
 
 
-def test_nothing_is_written_but_by_the_main_process(launched):
+def test_two_processes_train_the_loras_of_one_with_twice_the_batch(tmp_path):
+    """torchrun, two CPU processes with gloo, for an image and a text LoRA: each LoRA equals the one of one process
+    with twice the batch, nothing is written but by process 0 (one LoRA, one TensorBoard run), and a process that
+    stops or dies leaves one resumable checkpoint."""
+    launched = launch_two_processes(tmp_path / "launched")
     assert launched.records[1]["changes"] == [] and launched.records[0]["changes"]
     assert launched.results[0] == launched.results[2] == [0, 0]  # both command lines, both processes
     assert launched.done.stdout.count("LoRA saved:") == 1 and launched.done.stdout.count("Adapter saved:") == 1
+    check_image(launched, tmp_path / "image")
+    check_text(launched, tmp_path / "text")
 
 
-def test_two_image_processes_train_the_lora_of_one_with_twice_the_batch(launched, tmp_path):
+def check_image(launched: SimpleNamespace, tmp_path: Path) -> None:
     """Processes of batch_size 1 == one process of batch_size 2; one LoRA file, one TensorBoard run. Process 1
     asks to stop after step 2: both stop at step 3 with one checkpoint; process 1 dies after step 2: process 0
     keeps step 2, the last one every process finished; one process (batch 2) resumes either to the same LoRA."""
@@ -204,7 +210,7 @@ def test_two_image_processes_train_the_lora_of_one_with_twice_the_batch(launched
         assert_same_weights(load_file(str(resumed.lora_path)), load_file(str(one.lora_path)))
 
 
-def test_two_text_processes_train_the_adapter_of_one_with_twice_the_batch(launched, tmp_path):
+def check_text(launched: SimpleNamespace, tmp_path: Path) -> None:
     """Processes of batch_size 2, losses weighted by their supervised tokens == one process of batch_size 4; one
     adapter, one TensorBoard run; process 1 asks to stop after step 2: one checkpoint, which one process resumes to
     the same adapter."""
