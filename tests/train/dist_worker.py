@@ -3,8 +3,9 @@
 The spec lists jobs run one after another in the same process group: ``{"cli": [args...]}`` runs the command line
 (``python -m lora_trainer ...`` as a user starts it), ``{"config": {...}, "stop_rank": r, "stop_after": k}`` a
 Trainer whose process ``r`` asks to stop once it has seen ``k`` steps (``"die": true``: process ``r`` dies there
-instead, as a crash would end it). Every file-system change a process makes under ``spec["watch"]`` is recorded
-with an audit hook; after each job, the changes and results so far are written to
+instead, as a crash would end it); ``"oom_rank": r, "oom_call": n``: the n-th denoiser call of process ``r``
+raises a (simulated) CUDA out-of-memory error. Every file-system change a process makes under ``spec["watch"]``
+is recorded with an audit hook; after each job, the changes and results so far are written to
 ``<spec["audit_dir"]>/rank<N>.json``. Ctrl-C and SIGTERM are handled as the command line handles them.
 """
 
@@ -74,13 +75,21 @@ def main() -> int:
 def run_job(job: dict, group) -> dict:
     from lora_trainer.cli import StopFlag
     from lora_trainer.config import config_from_dict
-    from lora_trainer.train.events import EventBus, StepEvent
+    from lora_trainer.train.events import EventBus, MessageEvent, StepEvent
     from lora_trainer.train.trainer import Trainer
 
     stop = StopFlag()
     stop.install(launched=True, quiet=True)
     steps: list[int] = []
-    bus = EventBus(lambda event: steps.append(event.step) if isinstance(event, StepEvent) else None)
+    warnings: list[str] = []
+
+    def sink(event) -> None:
+        if isinstance(event, StepEvent):
+            steps.append(event.step)
+        elif isinstance(event, MessageEvent) and event.level == "warning":
+            warnings.append(event.text)
+
+    bus = EventBus(sink)
 
     def should_stop() -> bool:
         if group.rank == job.get("stop_rank") and len(steps) >= job["stop_after"]:
@@ -95,9 +104,30 @@ def run_job(job: dict, group) -> dict:
 
         result = TextTrainer(cfg, events=bus, dist=group, should_stop=should_stop).run()
     else:
-        result = Trainer(cfg, events=bus, dist=group, should_stop=should_stop).run()
+        backbone = None
+        if group.rank == job.get("oom_rank"):
+            from lora_trainer.models.loading import load_backbone
+
+            backbone = out_of_memory_once(load_backbone(cfg.base_model, device=torch.device("cpu")), job["oom_call"])
+        result = Trainer(cfg, backbone, events=bus, dist=group, should_stop=should_stop).run()
     return {"steps_done": result.steps_done, "interrupted": result.interrupted, "checkpoint": str(result.checkpoint),
-            "lora_path": str(result.lora_path), "losses": result.losses}
+            "lora_path": str(result.lora_path), "losses": result.losses, "warnings": warnings}
+
+
+def out_of_memory_once(backbone, call: int):
+    """Make the ``call``-th training call of ``backbone.predict`` raise a CUDA out-of-memory error."""
+    calls = {"n": 0}
+    predict = backbone.predict
+
+    def flaky(noisy, *args, **kwargs):
+        if noisy.device.type != "meta":  # the memory plan's dry run does not count
+            calls["n"] += 1
+            if calls["n"] == call:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return predict(noisy, *args, **kwargs)
+
+    backbone.predict = flaky
+    return backbone
 
 
 if __name__ == "__main__":

@@ -128,8 +128,8 @@ def torchrun(spec: dict, workdir: Path, processes: int = 2) -> tuple[subprocess.
 
 def launch_two_processes(root: Path) -> SimpleNamespace:
     """Two processes under torchrun: the image and the text run from the command line (batch_size 1 and 2 per
-    process), each again with process 1 asking to stop after step 2, and last an image run whose process 1 dies
-    after step 2 (the group is broken after it)."""
+    process), each again with process 1 asking to stop after step 2, an image run in which process 1 runs out of
+    memory in update 3, and last an image run whose process 1 dies after step 2 (the group is broken after it)."""
     from lora_trainer.demo import make_demo_dataset
     from lora_trainer.llm.tiny import build_tokenizer, write_tiny_causal_lm
     from lora_trainer.models.tiny import write_tiny_checkpoint
@@ -150,6 +150,8 @@ def launch_two_processes(root: Path) -> SimpleNamespace:
         jobs += [{"cli": ["train", "--config", str(config)]},
                  {"config": {**base, "batch_size": batch, "output_dir": str(outputs / f"{name}-stopped")},
                   "stop_rank": 1, "stop_after": 2}]
+    jobs.append({"config": {**image, "batch_size": 1, "output_dir": str(outputs / "image-oom")}, "oom_rank": 1,
+                 "oom_call": 3})
     jobs.append({"config": {**image, "batch_size": 1, "output_dir": str(outputs / "image-lost")}, "stop_rank": 1,
                  "stop_after": 2, "die": True})
     done, records = torchrun({"watch": str(outputs), "jobs": jobs}, root)
@@ -199,9 +201,18 @@ def check_image(launched: SimpleNamespace, tmp_path: Path) -> None:
     assert [p.name for p in checkpoints] == ["step-000003"] and str(checkpoints[0]) == first["checkpoint"]
     assert not list(stopped.glob("*.safetensors"))
     assert first["losses"] == pytest.approx(one.losses[:3], rel=1e-5)
-    [survivor] = launched.results[4]
+    [survivor] = launched.results[5]
     assert survivor["interrupted"] and survivor["steps_done"] == 2
     assert [p.name for p in (lost / "checkpoints").glob("*/step-*")] == ["step-000002"]
+
+    # process 1 ran out of memory in update 3: both turned gradient checkpointing on and ran the update again
+    hit = launched.results[4]
+    assert [result["steps_done"] for result in hit] == [5, 5] and hit[0]["losses"] == hit[1]["losses"]
+    assert all("out of memory at step 3; gradient_checkpointing on; the step runs again" in result["warnings"]
+               for result in hit)
+    assert hit[0]["losses"] == pytest.approx(one.losses, rel=1e-5)
+    assert_same_weights(load_file(str(launched.outputs / "image-oom" / "shapes.safetensors")),
+                        load_file(str(one.lora_path)))
 
     for folder in (stopped, lost):
         resumed = Trainer(config_from_dict({**base, "batch_size": 2, "output_dir": str(folder),
