@@ -7,7 +7,8 @@ Writes one random SD1.5-topology single-file checkpoint (``--size mid``: half th
 VAE; ``full``: SD1.5 exactly) and one data set of random images with captions, then runs both trainers in
 alternation (``--rounds`` times each, ours first in odd rounds, kohya first in even ones), each in a fresh process:
 batch 1, LoRA rank/alpha 16 on the same 192 UNet modules (every Linear and 1x1 conv in the transformer blocks),
-UNet only, latents cached, fp32, SDPA, AdamW, constant learning rate, ``--threads`` torch threads.
+UNet only, latents cached, fp32, SDPA, AdamW, constant learning rate, no samples or preview picture,
+``--threads`` torch threads.
 
 Per run: time to first step (process start to the end of the first optimizer step), s/step (mean interval
 between later optimizer steps), peak RSS (the process's ru_maxrss), peak VRAM on CUDA (torch's counter, printed
@@ -74,6 +75,7 @@ def our_command(args, work: Path, checkpoint: Path, images: Path, out: Path) -> 
         "max_steps": args.steps, "lora_rank": 16, "lora_alpha": 16.0, "target_modules": UNET_MODULES,
         "learning_rate": 1e-4, "optimizer": "adamw", "mixed_precision": "no", "cache_latents": True,
         "gradient_checkpointing": args.checkpointing, "device": args.device, "seed": 42,
+        "preview": False,  # kohya renders no picture at the end either: both runs do the same work
     }
     path = work / "ours.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
