@@ -91,6 +91,19 @@ class TrainConfig:
     sample_every: int = _opt(0, "Render samples every N updates (0: only at the end when prompts are set).",
                              low=0)
     sample_steps: int = _opt(20, "Denoising steps per sample image.", low=1, high=1000)
+    # knowing when it is done: validation, overfitting alarm, epoch snapshots and their grid
+    validation_split: float = _opt(0.0, "Share of the images held out to compute a validation loss (0: none; "
+                                   "0.1 is typical).", low=0.0, high=0.5)
+    validation_dir: str | None = _opt(None, "Folder of held-out validation images with captions (instead of "
+                                      "validation_split).", path=True)
+    validate_every: int = _opt(0, "Compute the validation loss every N updates (0: at the end of every epoch).",
+                               low=0)
+    overfit_patience: int = _opt(3, "Evaluations in a row the validation loss must rise, while the training loss "
+                                 "falls, before the overfitting alarm.", low=2, high=100)
+    early_stop: bool = _opt(False, "When the overfitting alarm fires, stop and keep the LoRA of the best "
+                            "validation step.")
+    save_every_n_epochs: int = _opt(0, "Keep a LoRA snapshot every N epochs; at the end a grid of snapshots x "
+                                    "weights x sample prompts is rendered to pick one from (0: off).", low=0)
 
     # ---- derived helpers -------------------------------------------------------------------------
     def resolved_log_dir(self) -> Path:
@@ -200,7 +213,18 @@ def config_from_dict(data: dict[str, Any], base_dir: Path | None = None, *, requ
         raise ConfigError(f"resolution: {cfg.resolution} must be a multiple of 8 (64 recommended)")
     if cfg.sample_every and not cfg.sample_prompts:
         raise ConfigError("sample_every is set but sample_prompts is empty; add at least one prompt")
+    _check_validation(cfg)
     return cfg
+
+
+def _check_validation(cfg: TrainConfig) -> None:
+    """The validation keys work together: one source of held-out images, and early_stop needs one."""
+    if cfg.validation_split and cfg.validation_dir:
+        raise ConfigError("validation_split and validation_dir are both set; hold out a share of the images or "
+                          "give a folder, not both")
+    if cfg.early_stop and not (cfg.validation_split or cfg.validation_dir):
+        raise ConfigError("early_stop needs validation images: set validation_split (0.1 is typical) or "
+                          "validation_dir")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -6,7 +6,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lora_trainer.train.events import CheckpointEvent, MessageEvent, SampleEvent, StepEvent
+from lora_trainer.train.events import (
+    CheckpointEvent,
+    GridEvent,
+    MessageEvent,
+    SampleEvent,
+    SnapshotEvent,
+    StepEvent,
+    ValidationEvent,
+)
 
 
 class ProgressBar:
@@ -27,6 +35,14 @@ class ProgressBar:
             tqdm.write(f"checkpoint: {event.path}")
         elif isinstance(event, SampleEvent):
             tqdm.write(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}")
+        elif isinstance(event, ValidationEvent):
+            tqdm.write(f"validation at step {event.step}: {event.loss:.4f} (training images {event.train_loss:.4f};"
+                       f" best: step {event.best_step}, {event.best_loss:.4f})")
+        elif isinstance(event, SnapshotEvent):
+            tqdm.write(f"snapshot ({event.kind}) at step {event.step}: {event.path}")
+        elif isinstance(event, GridEvent):
+            tqdm.write(f"epoch grid ({len(event.snapshots)} LoRAs x weights {', '.join(map(str, event.weights))} x "
+                       f"{len(event.prompts)} prompt(s)): {event.path}")
 
     def close(self) -> None:
         if self.bar is not None:

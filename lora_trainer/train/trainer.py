@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, SampleEvent, StepEvent
 from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
 from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.quality import QualityReport, RunWatch, hold_out
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -41,6 +43,7 @@ class TrainResult:
     checkpoint: Path | None = None
     interrupted: bool = False
     sample_paths: list[Path] = field(default_factory=list)
+    quality: QualityReport | None = None  # validation, best step, overfitting alarm, snapshots, grid
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,6 +68,9 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
 
 class Trainer:
     """Runs one training job. ``should_stop`` is polled every micro-batch (Ctrl-C, the WebUI's Interrupt)."""
+
+    watch: RunWatch | None = None  # validation, snapshots and grid of the run in progress
+    held_out: list[TrainItem]  # the validation images, set by run()
 
     def __init__(self, cfg: TrainConfig, backbone: Backbone | None = None, *,
                  events: EventBus | None = None, should_stop: Callable[[], bool] | None = None,
@@ -116,7 +122,7 @@ class Trainer:
         lora_file = self.output_dir / f"{cfg.output_name}.safetensors"
         if lora_file.exists() and not cfg.overwrite:
             raise FileExistsError(f"{lora_file} exists; set overwrite: true or choose another output_name")
-        scan = self._scan()
+        scan, self.held_out = hold_out(self._scan(), cfg, self._log)
         backbone = self._load_backbone(device, dtype)
         states_before = [(m, snapshot_model_state(m)) for m in backbone.frozen_modules()]
         roots: dict = {}
@@ -174,6 +180,11 @@ class Trainer:
         scaler = torch.cuda.amp.GradScaler() if use_autocast and dtype == torch.float16 else None
         writer = self._tensorboard()
         result = TrainResult(progress.global_step, total, progress.losses)
+        self.watch = watch = RunWatch(
+            cfg, backbone, roots, items, self.held_out, self.bus, writer, progress, batches_per_epoch, resume_path,
+            metadata=lambda step: self._metadata(dataclasses.replace(progress, global_step=step), scan, total),
+            autocast=lambda: torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext(),
+            fallback_prompt=items[0].caption)
         epoch_cache: dict[int, list[list[int]]] = {}
 
         def batch_at(micro: int) -> list[int]:
@@ -222,6 +233,8 @@ class Trainer:
                 if writer:
                     writer.add_scalar("loss", step_loss, progress.global_step)
                     writer.add_scalar("lr", lr, progress.global_step)
+                if watch.after_update(progress, total):
+                    break  # early stop: overfitting
                 if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and progress.global_step < total:
                     result.checkpoint = self._save_checkpoint(progress, roots, optimizer, scheduler)
                 if cfg.sample_every and progress.global_step % cfg.sample_every == 0 \
@@ -244,11 +257,13 @@ class Trainer:
             if writer:
                 writer.close()
             return result
+        exported = watch.before_export(progress)  # early stop: the best step's weights
         if cfg.sample_prompts:
-            result.sample_paths += self._samples(progress.global_step, writer)
+            result.sample_paths += self._samples(exported.global_step, writer)
+        result.lora_path = self._export(lora_file, exported, roots, scan, total)
+        result.quality = watch.finish(result.lora_path, exported.global_step, self.should_stop)
         if writer:
             writer.close()
-        result.lora_path = self._export(lora_file, progress, roots, scan, total)
         return result
 
     # ---- pieces of a step -------------------------------------------------------------------------
@@ -327,7 +342,8 @@ class Trainer:
             buckets=sorted({item.target for item in scan.items}))
 
     def _save_checkpoint(self, progress: ckpt.Progress, roots: dict, optimizer, scheduler) -> Path:
-        path = ckpt.save_checkpoint(self.output_dir, progress, lora_state_dict(roots), optimizer, scheduler)
+        path = ckpt.save_checkpoint(self.output_dir, progress, lora_state_dict(roots), optimizer, scheduler,
+                                    extra_files=self.watch.checkpoint_files() if self.watch else None)
         self.bus.emit(CheckpointEvent(progress.global_step, path))
         return path
 
