@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torch import nn
 
 from lora_trainer.fsutil import atomic_write
@@ -91,8 +91,8 @@ def _font(size: int) -> Any:
 def compose_grid(cells: Sequence[GridCell], cell: int = CELL) -> Image.Image:
     """One picture: a row per snapshot, a column per (prompt, weight), labelled on the left and on top."""
     rows = list(dict.fromkeys(c.snapshot for c in cells))
-    columns = list(dict.fromkeys((c.prompt, c.weight) for c in cells))
-    prompts = list(dict.fromkeys(p for p, _ in columns))
+    prompts = list(dict.fromkeys(c.prompt for c in cells))
+    columns = [(prompt, weight) for prompt in prompts for weight in dict.fromkeys(c.weight for c in cells)]
     image = Image.new("RGB", (LABEL_WIDTH + cell * len(columns), HEADER + cell * len(rows)), "white")
     draw = ImageDraw.Draw(image)
     small, text = _font(12), _font(14)
@@ -104,21 +104,32 @@ def compose_grid(cells: Sequence[GridCell], cell: int = CELL) -> Image.Image:
         draw.text((left + 6, 6), shown, fill="black", font=text)
         draw.line([(left, 2), (left, HEADER - 2)], fill=(200, 200, 200))
     for index, (_, weight) in enumerate(columns):
-        draw.text((LABEL_WIDTH + cell * index + cell // 2 - 16, 30), f"w {weight:g}", fill="black", font=text)
+        draw.text((LABEL_WIDTH + cell * index + cell // 2 - 28, 30), f"weight {weight:.1f}", fill="black",
+                  font=text)
     placed = {(c.snapshot, c.prompt, c.weight): c.image for c in cells}
     for row, snapshot in enumerate(rows):
         top = HEADER + cell * row
-        for line, words in enumerate(textwrap.wrap(snapshot.label, width=22)[:6]):
+        lines = [piece for part in snapshot.label.split(", ") for piece in textwrap.wrap(part, width=22)]
+        for line, words in enumerate(lines[:6]):
             draw.text((6, top + 8 + 16 * line), words, fill="black", font=small)
         for index, (prompt, weight) in enumerate(columns):
             picture = placed.get((snapshot, prompt, weight))
             if picture is not None:
-                thumb = picture.convert("RGB")
-                thumb.thumbnail((cell - 4, cell - 4))
+                thumb = ImageOps.contain(picture.convert("RGB"), (cell - 4, cell - 4))  # small ones grow
                 image.paste(thumb, (LABEL_WIDTH + cell * index + 2, top + 2))
     return image
 
 
-def save_grid(image: Image.Image, path: Path) -> Path:
-    """Write the grid picture (atomic; an older grid of the same run is replaced)."""
+def preview_cells(cells: Sequence[GridCell], weight: float = 0.8) -> dict[Snapshot, Any]:
+    """Per snapshot, its picture of the first prompt at the weight nearest ``weight`` (its preview)."""
+    out: dict[Snapshot, GridCell] = {}
+    for cell in cells:
+        kept = out.get(cell.snapshot)
+        if kept is None or (cell.prompt == kept.prompt and abs(cell.weight - weight) < abs(kept.weight - weight)):
+            out[cell.snapshot] = cell
+    return {snapshot: cell.image for snapshot, cell in out.items()}
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Write a picture as PNG (atomic; an older file of the same name is replaced)."""
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -36,7 +36,7 @@ from lora_trainer.train.validation import ValidationLoss, probe_items, split_val
 
 STATE_FILE = "validation.json"  # in a checkpoint folder: the evaluations so far
 BEST_FILE = "best_lora_state.safetensors"  # in a checkpoint folder: the LoRA weights of the best evaluation
-TRAIN_PROBE = 8  # training images measured the same way as the held-out ones (the training side of the alarm)
+TRAIN_PROBE = 4  # training images measured the same way as the held-out ones (the training side of the alarm)
 
 
 def hold_out(scan: DatasetScan, cfg: TrainConfig, log: Callable[[str, str], None]) -> tuple[DatasetScan,
@@ -203,8 +203,10 @@ class RunWatch:
         if cells is None:
             self.bus.emit(MessageEvent("the epoch grid was interrupted; the snapshots are kept", "warning"))
             return
+        for snapshot, picture in grids.preview_cells(cells).items():
+            grids.save_png(picture, snaps.preview_path(snapshot.path))
         image = grids.compose_grid(cells)
-        report.grid_path = grids.save_grid(image, self.output_dir / f"{cfg.output_name}.grid.png")
+        report.grid_path = grids.save_png(image, self.output_dir / f"{cfg.output_name}.grid.png")
         report.grid_cells = len(cells)
         if self.writer is not None:
             import numpy as np

@@ -64,6 +64,11 @@ def best_snapshot_path(output_dir: str | Path, name: str) -> Path:
     return snapshot_folder(output_dir) / f"{name}-best.safetensors"
 
 
+def preview_path(path: Path) -> Path:
+    """``<name>.preview.png`` beside a LoRA file: the grid's picture of it (the WebUI's preview naming)."""
+    return path.with_name(f"{path.stem}.preview.png")
+
+
 def save_snapshot(path: Path, roots: dict[str, nn.Module], alpha: float, metadata: dict[str, str], *,
                   kind: str, validation_loss: float | None = None) -> Path:
     """The LoRA layers as they are now, written (atomically, replacing an older file) as a kohya LoRA."""

@@ -24,7 +24,7 @@ from lora_trainer.models.sampling import eval_mode
 from lora_trainer.train.noise import add_noise, training_target
 
 VALIDATION_SEED = 1_234_567  # the same noise for every run, whatever its own seed
-TIMESTEP_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where in the schedule each held-out image is noised
+TIMESTEP_FRACTIONS = (0.1, 0.35, 0.6, 0.85)  # where in the schedule each held-out image is noised
 
 
 def _order_key(item: TrainItem, folder: Path | None) -> str:

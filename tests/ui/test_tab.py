@@ -123,17 +123,10 @@ def test_yaml_load_errors_keep_the_values(tmp_path):
     assert tab.load_yaml_ui(None, *values)[-1] == "Choose a YAML file first."
 
 
-def test_caption_table_load_edit_save(shapes_dataset):
+def test_caption_rows(shapes_dataset):
     rows, status = tab.load_caption_rows(str(shapes_dataset))
     assert len(rows) == 8 and "8 image(s)" in status and all(caption for _, caption in rows)
-    rows[0][1] = "  edited caption  "
-    assert "Saved 8 caption(s)" in tab.save_caption_rows(str(shapes_dataset), rows)
-    assert read_metadata_csv(shapes_dataset / "metadata.csv")[rows[0][0]] == "edited caption"
-    # gradio 4 may hand back {"data": rows}; a row for a file that is not there is refused
-    assert "Saved" in tab.save_caption_rows(str(shapes_dataset), {"data": rows})
-    before = (shapes_dataset / "metadata.csv").read_text()
-    assert "not an image" in tab.save_caption_rows(str(shapes_dataset), [*rows, ["ghost.png", "x"]])
-    assert (shapes_dataset / "metadata.csv").read_text() == before
+    assert rows[0] == ["000_red_circle.png", read_metadata_csv(shapes_dataset / "metadata.csv")["000_red_circle.png"]]
     assert "does not exist" in tab.load_caption_rows(str(shapes_dataset / "nope"))[1]
 
 
@@ -171,8 +164,8 @@ def test_clean_reports_and_shows_dropped_images(tmp_path):
 def test_tables_keep_their_headers_when_empty():
     pytest.importorskip("pandas")
     assert list(tab.as_frame([], tab.CLEAN_HEADERS).columns) == tab.CLEAN_HEADERS
-    frame = tab.as_frame([["a.png", "a cat"]], tab.CAPTION_HEADERS)
-    assert frame.values.tolist() == [["a.png", "a cat"]] and tab._table_rows(frame) == [["a.png", "a cat"]]
+    frame = tab.as_frame([["a.png", "kept", "", ""]], tab.CLEAN_HEADERS)
+    assert frame.values.tolist() == [["a.png", "kept", "", ""]]
 
 
 def test_loss_plot_and_status_html():
@@ -266,7 +259,11 @@ def test_build_tab_returns_blocks(tmp_path):
     assert isinstance(blocks, gr.Blocks)
     ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
     for elem in ("lora_train_refresh", "lora_train_status", "lora_train_loss_plot", "lora_train_samples",
-                 "lora_train_caption_table", "lora_train_advanced", "lora_train_cfg_noise_offset"):
+                 "lora_train_advanced", "lora_train_cfg_noise_offset", "lora_train_step_line",
+                 "lora_train_load_pictures", "lora_train_card_caption_11", "lora_train_card_tags_0",
+                 "lora_train_add_trigger", "lora_train_replace_all", "lora_train_checkpoint", "lora_train_try_prompt",
+                 "lora_train_send", "lora_train_validation", "lora_train_grid", "lora_train_snapshot",
+                 "lora_train_install_snapshot", "lora_train_cfg_validation_split"):
         assert elem in ids
     assert all(elem.startswith("lora_train_") for elem in ids if elem)
 
