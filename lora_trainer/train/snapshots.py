@@ -103,9 +103,10 @@ def list_snapshots(output_dir: str | Path, name: str) -> list[Snapshot]:
 
 
 def clear_snapshots(output_dir: str | Path, name: str) -> None:
-    """Remove the snapshots an earlier run of ``name`` left (a fresh run of the same name replaces them)."""
+    """Remove the snapshots (and their previews) an earlier run of ``name`` left: a fresh run replaces them."""
     for snapshot in list_snapshots(output_dir, name):
         snapshot.path.unlink(missing_ok=True)
+        preview_path(snapshot.path).unlink(missing_ok=True)
 
 
 def load_snapshot(roots: dict[str, nn.Module], path: Path) -> None:

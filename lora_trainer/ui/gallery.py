@@ -143,13 +143,14 @@ def page_view(folder: str, page: int = 0) -> PageView:
                     [tag for tag, _ in counts.most_common()], status)
 
 
-def save_page(folder: str, names: list[str], *captions: str) -> str:
-    """Store the captions edited on the page (``names`` are the page's pictures, in card order)."""
+def save_page(folder: str, names: list[str], *captions: str, quiet: bool = False) -> str:
+    """Store the captions edited on the page (``names`` are the page's pictures, in card order); ``quiet``:
+    say nothing when none changed (saving on the way to another page or tool)."""
     try:
         count = write_captions(folder, dict(zip(names or [], captions, strict=False)))
     except (UserError, OSError) as err:
         return str(err)
-    return f"Saved {count} changed caption(s)." if count else "No caption changed."
+    return f"Saved {count} changed caption(s)." if count else ("" if quiet else "No caption changed.")
 
 
 def thumbnail(folder: str, name: str) -> Any:
@@ -190,43 +191,42 @@ class CaptionGallery:
         self.page = gr.State(0)
         self.booru = gr.State(False)
         self.all_tags = gr.State([])
-        with gr.Row(equal_height=True):
-            self.previous = gr.Button("< Previous page", elem_id="lora_train_gallery_previous")
-            self.label = gr.HTML(elem_id="lora_train_gallery_page", elem_classes=["lora_train_messages"])
-            self.next = gr.Button("Next page >", elem_id="lora_train_gallery_next")
-            self.save = gr.Button("Save captions", variant="primary", elem_id="lora_train_save_captions")
         self.status = gr.HTML(elem_id="lora_train_caption_status", elem_classes=["lora_train_messages"])
-        self.cards, self.images, self.texts, self.chips = [], [], [], []
-        for start in range(0, PAGE_SIZE, COLUMNS):
-            with gr.Row(elem_classes=["lora_train_card_row"]):
-                for index in range(start, start + COLUMNS):
-                    with gr.Column(visible=False, min_width=320, elem_id=f"lora_train_card_{index}",
-                                   elem_classes=["lora_train_card"]) as card, gr.Row():
-                        self.images.append(gr.Image(type="pil", interactive=False, show_label=False,
-                                                    height=160, scale=1, min_width=120,
-                                                    elem_id=f"lora_train_card_image_{index}"))
-                        with gr.Column(scale=2, min_width=180):
-                            self.texts.append(gr.Textbox(lines=3, max_lines=6, label="caption",
-                                                         elem_id=f"lora_train_card_caption_{index}"))
-                            chips = {"allow_custom_value": True} if self.custom_tags else {}
-                            self.chips.append(gr.Dropdown(choices=[], value=[], multiselect=True, label="tags",
-                                                          visible=False, elem_id=f"lora_train_card_tags_{index}",
-                                                          **chips))
-                    self.cards.append(card)
-        with gr.Row(equal_height=True):
-            self.trigger = gr.Textbox(label="Trigger word", scale=2, elem_id="lora_train_gallery_trigger")
-            self.add_trigger = gr.Button("Add the trigger word to all captions", scale=1,
-                                         elem_id="lora_train_add_trigger")
-        with gr.Row(equal_height=True):
-            self.find = gr.Textbox(label="Find", scale=2, elem_id="lora_train_find")
-            self.replace = gr.Textbox(label="Replace with", scale=2, elem_id="lora_train_replace")
-            self.replace_button = gr.Button("Replace in all captions", scale=1, elem_id="lora_train_replace_all")
+        with gr.Column(visible=False, elem_id="lora_train_gallery") as self.box:  # shown once there are pictures
+            with gr.Row(equal_height=True, elem_id="lora_train_caption_tools"):
+                self.trigger = gr.Textbox(label="Trigger word", scale=2, elem_id="lora_train_gallery_trigger")
+                self.add_trigger = gr.Button("Add it to all captions", scale=1, elem_id="lora_train_add_trigger")
+                self.find = gr.Textbox(label="Find", scale=2, elem_id="lora_train_find")
+                self.replace = gr.Textbox(label="Replace with", scale=2, elem_id="lora_train_replace")
+                self.replace_button = gr.Button("Replace in all captions", scale=1, elem_id="lora_train_replace_all")
+            with gr.Row(equal_height=True):
+                self.previous = gr.Button("< Previous page", elem_id="lora_train_gallery_previous")
+                self.label = gr.HTML(elem_id="lora_train_gallery_page", elem_classes=["lora_train_messages"])
+                self.next = gr.Button("Next page >", elem_id="lora_train_gallery_next")
+                self.save = gr.Button("Save captions", variant="primary", elem_id="lora_train_save_captions")
+            self.cards, self.images, self.texts, self.chips = [], [], [], []
+            for start in range(0, PAGE_SIZE, COLUMNS):
+                with gr.Row(elem_classes=["lora_train_card_row"]):
+                    for index in range(start, start + COLUMNS):
+                        with gr.Column(visible=False, min_width=320, elem_id=f"lora_train_card_{index}",
+                                       elem_classes=["lora_train_card"]) as card, gr.Row():
+                            self.images.append(gr.Image(type="pil", interactive=False, show_label=False,
+                                                        height=160, scale=1, min_width=120,
+                                                        elem_id=f"lora_train_card_image_{index}"))
+                            with gr.Column(scale=2, min_width=180):
+                                self.texts.append(gr.Textbox(lines=3, max_lines=6, label="caption",
+                                                             elem_id=f"lora_train_card_caption_{index}"))
+                                chips = {"allow_custom_value": True} if self.custom_tags else {}
+                                self.chips.append(gr.Dropdown(choices=[], value=[], multiselect=True, label="tags",
+                                                              visible=False, elem_id=f"lora_train_card_tags_{index}",
+                                                              **chips))
+                        self.cards.append(card)
 
     # ---- updates -----------------------------------------------------------------------------------------------
     def outputs(self) -> list[Any]:
         """The components a page load updates, in :meth:`updates` order."""
         return [self.names, self.page, self.booru, self.all_tags, self.label, self.status, *self.cards,
-                *self.images, *self.texts, *self.chips]
+                *self.images, *self.texts, *self.chips, self.box]
 
     def updates(self, folder: str, view: PageView, note: str = "") -> list[Any]:
         update = self.gr.update
@@ -239,19 +239,22 @@ class CaptionGallery:
                  for i in range(PAGE_SIZE)]
         status = " ".join(part for part in (note, view.status) if part)
         return [list(view.names), view.page, view.booru, list(view.all_tags), view.label, status, *cards, *images,
-                *texts, *chips]
+                *texts, *chips, update(visible=view.total > 0)]
 
     def load(self, folder: str, page: Any = 0, note: str = "") -> list[Any]:
         return self.updates(folder, page_view(folder, int(page or 0)), note)
 
     # ---- events ------------------------------------------------------------------------------------------------
-    def wire(self, folder: Any, triggers: list[Any], trigger_field: Any | None = None) -> None:
-        """Load page 1 after each event in ``triggers``; paging, saving and the tools on the folder."""
+    def wire(self, folder: Any, triggers: list[Any], trigger_field: Any | None = None) -> list[Any]:
+        """Load page 1 after each event in ``triggers``; paging, saving and the tools on the folder.
+
+        Returns the events that write captions, for the caller to chain (``.then``) what follows a change.
+        """
         page_inputs = [folder, self.names, self.page, *self.texts]
 
         def turn(delta: int):
             def handler(folder_value: str, names: list[str], page: int, *captions: str) -> list[Any]:
-                note = save_page(folder_value, names, *captions) if names else ""
+                note = save_page(folder_value, names, *captions, quiet=delta != 0) if names else ""
                 return self.load(folder_value, int(page or 0) + delta, note)
             return handler
 
@@ -259,12 +262,12 @@ class CaptionGallery:
             trigger(lambda folder_value: self.load(folder_value, 0), inputs=[folder], outputs=self.outputs())
         self.previous.click(turn(-1), inputs=page_inputs, outputs=self.outputs())
         self.next.click(turn(+1), inputs=page_inputs, outputs=self.outputs())
-        self.save.click(turn(0), inputs=page_inputs, outputs=self.outputs())
+        writes = [self.save.click(turn(0), inputs=page_inputs, outputs=self.outputs())]
 
         def tool(action):
             def handler(folder_value: str, names: list[str], page: int, first: str, second: str,
                         *captions: str) -> list[Any]:
-                saved = save_page(folder_value, names, *captions) if names else ""
+                saved = save_page(folder_value, names, *captions, quiet=True) if names else ""
                 try:
                     note = action(folder_value, first, second)
                 except (UserError, OSError) as err:
@@ -273,15 +276,16 @@ class CaptionGallery:
             return handler
 
         tool_inputs = [folder, self.names, self.page]
-        self.add_trigger.click(tool(lambda f, trigger, _: add_trigger_to_all(f, trigger)),
-                               inputs=[*tool_inputs, self.trigger, self.trigger, *self.texts],
-                               outputs=self.outputs())
+        writes.append(self.add_trigger.click(tool(lambda f, trigger, _: add_trigger_to_all(f, trigger)),
+                                             inputs=[*tool_inputs, self.trigger, self.trigger, *self.texts],
+                                             outputs=self.outputs()))
         if trigger_field is not None:  # the trigger word added to the captions is also the one trained
             self.add_trigger.click(lambda word, current: word.strip() or current,
                                    inputs=[self.trigger, trigger_field], outputs=[trigger_field])
-        self.replace_button.click(tool(replace_in_captions),
-                                  inputs=[*tool_inputs, self.find, self.replace, *self.texts],
-                                  outputs=self.outputs())
+        writes.append(self.replace_button.click(tool(replace_in_captions),
+                                                inputs=[*tool_inputs, self.find, self.replace, *self.texts],
+                                                outputs=self.outputs()))
         for text, chips in zip(self.texts, self.chips, strict=True):
             chips.change(tags_to_caption, inputs=[chips, text, self.booru], outputs=[text])
             text.blur(chips_update, inputs=[text, self.all_tags], outputs=[chips])
+        return writes

@@ -12,7 +12,7 @@ from typing import Any
 STEPS = ("Pictures", "Clean", "Captions", "Train", "Try it")
 CLEAN_REPORT = "clean_report.json"  # what the cleaner leaves in the folder it writes
 NEXT = {
-    1: "Start here: type the folder that holds your pictures above and press Load pictures.",
+    1: "Start here: type the folder that holds your pictures and press Load pictures.",
     2: "Optional: Clean (Dataset tab) drops broken, too small and duplicate pictures into a new folder. "
        "Then caption them.",
     3: "Caption the pictures (Dataset tab: Caption writes them; edit any caption beside its picture), or add "

@@ -9,6 +9,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
+from lora_trainer.train.snapshots import preview_path
 from lora_trainer.ui.job import TrainingJob
 from lora_trainer.ui.registry import check_name_free, register_lora
 
@@ -130,7 +131,8 @@ def install_result(host: Host, cfg: TrainConfig, result: Any, backbone: Any) -> 
     """Copy a finished run's LoRA into the host's Lora folder (with preview and sidecar) and refresh the list."""
     if result.lora_path is None:
         return None
-    preview = result.sample_paths[-1] if result.sample_paths else None
+    grid_picture = preview_path(result.lora_path)  # the epoch grid's picture of the final LoRA, if rendered
+    preview = result.sample_paths[-1] if result.sample_paths else (grid_picture if grid_picture.is_file() else None)
     base = f" on {Path(cfg.base_model).name}" if cfg.base_model else ""
     notes = f"Trained with lora-trainer{base}: {result.steps_done} steps, rank {cfg.lora_rank}."
     installed = register_lora(result.lora_path, host.lora_dir(), cfg.output_name, trigger_word=cfg.trigger_word,

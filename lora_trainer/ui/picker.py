@@ -42,7 +42,7 @@ def picker_html(snap: dict[str, Any]) -> str:
             return "<div>No grid for this run; its snapshots can still be installed below.</div>"
         return ("<div>To compare epochs, set <b>Save every n epochs</b> (1 or 2) before training: the run keeps "
                 "a LoRA every few epochs and renders each at a few weights here.</div>")
-    weights = ", ".join(f"{w:g}" for w in snap.get("grid_weights") or [])
+    weights = ", ".join(f"{w:.1f}" for w in snap.get("grid_weights") or [])
     return (f"<div>Rows: the LoRA after each saved epoch (and the best validation step). Columns: each sample "
             f"prompt at LoRA weight {html.escape(weights)}, all with the same seed. Pick the row that looks best "
             f"and install it as <code>{html.escape(snap.get('output_name') or '')}</code>.</div>")

@@ -51,6 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 LABELS = {"max_steps": "Max steps (0: use epochs)", "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha",
           "lora_dropout": "LoRA dropout", "overwrite": "Overwrite a LoRA of the same name"}
 GALLERY_HEIGHT = 260  # px of the gallery grids: fixed so polling never moves the page
+GRID_HEIGHT = 640  # px of the epoch grid in the Try it tab (the full picture: its download button)
 PLOT_HEIGHT = GALLERY_HEIGHT + 40  # the image widget's height includes its label; the gallery's does not
 MAX_THUMBNAILS = 60
 CLEAN_HEADERS = ["file", "status", "kind", "reason"]
@@ -385,11 +386,13 @@ def poll_ui(job: TrainingJob) -> tuple[str, Image.Image, list]:
     return status_html(snap), plot, _sample_images(tuple(paths))
 
 
-def poll_guided_ui(host: Host, job: TrainingJob, folder: str) -> tuple[Any, ...]:
-    """:func:`poll_ui` plus the guide, the validation note, the "try it" line and the epoch picker."""
+def poll_guided_ui(host: Host, job: TrainingJob, folder: str, picked: str | None = None) -> tuple[Any, ...]:
+    """:func:`poll_ui` plus the guide, the validation note, the "try it" line and the epoch picker (``picked``
+    stays selected while the run lists it)."""
     snap = job.snapshot()
     prompt = guide.try_it_prompt(snap)
     note, grid, choices, choice = picker.picker_view(snap)
+    choice = picked if picked in choices else choice
     return (*poll_ui(job), *guide.guide_view(host, job, folder), guide.validation_html(snap), prompt or "",
             prompt is not None, note, grid, choices, choice)
 
@@ -542,12 +545,12 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                                          elem_id="lora_train_samples", elem_classes=["lora_train_gallery"])
             with gr.Tab("Try it", elem_id="lora_train_try_tab"):
                 picker_note = gr.HTML(picker.picker_html(job.snapshot()), elem_id="lora_train_picker_note")
-                grid = gr.Image(label="Snapshots x weights x prompts", type="pil", interactive=False,
-                                elem_id="lora_train_grid")
                 with gr.Row(equal_height=True):
                     choice = gr.Radio(label="Snapshot", choices=[], scale=4, elem_id="lora_train_snapshot")
                     install = gr.Button("Install this snapshot", scale=1, elem_id="lora_train_install_snapshot")
                 install_status = gr.HTML(elem_id="lora_train_install_status", elem_classes=["lora_train_messages"])
+                grid = gr.Image(label="Snapshots x weights x prompts", type="pil", interactive=False,
+                                height=GRID_HEIGHT, elem_id="lora_train_grid")
 
         inputs = [fields[name] for name in CONFIG_KEYS]
         folder = fields["train_data_dir"]
@@ -568,9 +571,8 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                                   ).then(show_guide, inputs=[folder], outputs=guide_outputs)
         cap_button.click(caption, inputs=[folder, cap_choice, cap_model, cap_trigger, cap_overwrite],
                          outputs=gallery.outputs()).then(show_guide, inputs=[folder], outputs=guide_outputs)
-        gallery.wire(folder, [load_pictures.click, folder.submit], trigger_field=fields["trigger_word"])
-        for event in (load_pictures.click, folder.submit, folder.blur, gallery.save.click, gallery.add_trigger.click,
-                      gallery.replace_button.click, train_tab.select):
+        writes = gallery.wire(folder, [load_pictures.click, folder.submit], trigger_field=fields["trigger_word"])
+        for event in (load_pictures.click, folder.submit, folder.blur, train_tab.select, *(w.then for w in writes)):
             event(show_guide, inputs=[folder], outputs=guide_outputs, show_progress="hidden")
         preset_box.change(apply_preset, inputs=[preset_box, *inputs], outputs=inputs)
         yaml_in.upload(with_message_html(load_yaml_ui, -1), inputs=[yaml_in, *inputs],
@@ -583,22 +585,22 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         start_button.click(functools.partial(start_training_ui, host, job), inputs=inputs, outputs=[status])
         stop_button.click(functools.partial(interrupt_ui, job), outputs=[status])
 
-        def poll(folder_value: str) -> list[Any]:
+        def poll(folder_value: str, picked: str | None) -> list[Any]:
             (status_value, plot_value, sample_values, step_value, advice_value, checkpoint_value, validation_value,
-             prompt, ready, note, grid_value, labels, label) = poll_guided_ui(host, job, folder_value)
+             prompt, ready, note, grid_value, labels, label) = poll_guided_ui(host, job, folder_value, picked)
             return [status_value, plot_value, sample_values, step_value, advice_value, checkpoint_value,
                     validation_value, prompt, gr.update(visible=ready), note, grid_value,
                     gr.update(choices=labels, value=label)]
 
         poll_outputs = [status, plot, samples, *guide_outputs, validation, try_prompt, try_row, picker_note, grid,
                         choice]
-        refresh.click(poll, inputs=[folder], outputs=poll_outputs, show_progress="hidden")
+        refresh.click(poll, inputs=[folder, choice], outputs=poll_outputs, show_progress="hidden")
         show_running.click(functools.partial(running_form_ui, job), inputs=inputs, outputs=inputs,
                            show_progress="hidden")
         install.click(functools.partial(picker.install_snapshot_ui, host, job), inputs=[choice],
-                      outputs=[install_status]).then(poll, inputs=[folder], outputs=poll_outputs)
+                      outputs=[install_status]).then(poll, inputs=[folder, choice], outputs=poll_outputs)
         if not host.bind_send_to_txt2img(send, try_prompt):
             send.visible = False  # no txt2img here (read when the page config is built, in gradio 3 and 4)
         if poll_every:
-            blocks.load(poll, inputs=[folder], outputs=poll_outputs, every=poll_every)
+            blocks.load(poll, inputs=[folder, choice], outputs=poll_outputs, every=poll_every)
     return blocks

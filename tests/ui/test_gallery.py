@@ -91,7 +91,9 @@ def test_gallery_components_and_their_updates(tmp_path):
     assert images[0].size == (40, 30) and images[3] is None
     texts = updates[6 + 2 * gallery.PAGE_SIZE:6 + 3 * gallery.PAGE_SIZE]
     assert texts[1]["value"] == "zkx, 1boy, hat, red" and texts[1]["label"] == "001.png"
-    chips = updates[6 + 3 * gallery.PAGE_SIZE:]
+    chips = updates[6 + 3 * gallery.PAGE_SIZE:-1]
+    assert updates[-1]["visible"]  # the gallery shows once there are pictures
+    assert not shown.load(str(tmp_path / "nope"))[-1]["visible"]
     assert chips[0]["value"] == ["zkx", "1girl", "smile"] and chips[0]["visible"]
     assert set(chips[0]["choices"]) == set(all_tags) and not chips[5]["visible"]
     typed = gallery.chips_update("zkx, brand new tag", all_tags)
