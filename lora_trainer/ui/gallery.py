@@ -8,6 +8,7 @@ The callbacks take and return plain values; :class:`CaptionGallery` only builds 
 
 from __future__ import annotations
 
+import html
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -238,6 +239,7 @@ class CaptionGallery:
         chips = [chips_update(view.captions[i] if i < shown else "", view.all_tags, visible=view.booru and i < shown)
                  for i in range(PAGE_SIZE)]
         status = " ".join(part for part in (note, view.status) if part)
+        status = f'<div class="lora_train_message">{html.escape(status)}</div>' if status else ""
         return [list(view.names), view.page, view.booru, list(view.all_tags), view.label, status, *cards, *images,
                 *texts, *chips, update(visible=view.total > 0)]
 

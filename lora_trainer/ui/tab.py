@@ -597,8 +597,11 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         refresh.click(poll, inputs=[folder, choice], outputs=poll_outputs, show_progress="hidden")
         show_running.click(functools.partial(running_form_ui, job), inputs=inputs, outputs=inputs,
                            show_progress="hidden")
-        install.click(functools.partial(picker.install_snapshot_ui, host, job), inputs=[choice],
-                      outputs=[install_status]).then(poll, inputs=[folder, choice], outputs=poll_outputs)
+        def install_chosen(label: str | None) -> str:
+            return message_html(picker.install_snapshot_ui(host, job, label))
+
+        install.click(install_chosen, inputs=[choice], outputs=[install_status]
+                      ).then(poll, inputs=[folder, choice], outputs=poll_outputs)
         if not host.bind_send_to_txt2img(send, try_prompt):
             send.visible = False  # no txt2img here (read when the page config is built, in gradio 3 and 4)
         if poll_every:

@@ -84,7 +84,8 @@ def test_gallery_components_and_their_updates(tmp_path):
     assert len(updates) == len(shown.outputs())
     names_value, page, booru, all_tags, label, status = updates[:6]
     assert names_value == names and page == 0 and booru and label.startswith("Page 1 of 1")
-    assert status.startswith("Captioned 3. 3 picture(s), 1 without a caption.")
+    assert "Captioned 3. 3 picture(s), 1 without a caption." in status
+    assert "&lt;b&gt;" in shown.load(str(tmp_path / "<b>"))[5]  # messages are text, never markup
     cards = updates[6:6 + gallery.PAGE_SIZE]
     assert [c["visible"] for c in cards[:4]] == [True, True, True, False]
     images = updates[6 + gallery.PAGE_SIZE:6 + 2 * gallery.PAGE_SIZE]
