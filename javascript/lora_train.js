@@ -27,9 +27,9 @@
     var primed = false;
     function tick() {
         if (!primed && root().querySelector("#lora_train_refresh")) {
-            primed = true; // show a job that was already running when the page was opened, with its settings
+            primed = true; // a page just opened shows the job that runs or ran last, with its settings
             refresh();
-            click("lora_train_show_running");
+            click("lora_train_show_job");
         } else if (status() === "running") {
             refresh();
         }

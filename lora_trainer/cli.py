@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lora_trainer.config import load_config
 from lora_trainer.errors import UserError
+from lora_trainer.fsutil import describe_os_error
 
 
 class StopFlag:
@@ -43,6 +44,12 @@ def run_training(cfg, backbone=None) -> int:
     bar = ProgressBar()
     try:
         result = Trainer(cfg, backbone, events=EventBus(bar), should_stop=stop).run()
+    except RuntimeError as err:
+        if type(err).__name__ != "OutOfMemoryError":
+            raise
+        from lora_trainer.ui.job import oom_message
+
+        raise UserError(oom_message(cfg)) from None
     finally:
         bar.close()
     if result.interrupted:
@@ -52,6 +59,12 @@ def run_training(cfg, backbone=None) -> int:
         return 130
     print(f"LoRA saved: {result.lora_path}")
     return 0
+
+
+def fail(message: str) -> int:
+    """Print one error line (no traceback) and give the exit code of an ordinary failure."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -76,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a LoRA from a YAML config")
     train.add_argument("--config", required=True, help="YAML file (see README for every key)")
     train.add_argument("--resume", nargs="?", const="latest", default=None,
-                       help="resume the newest checkpoint in output_dir (or the given checkpoint folder)")
+                       help="continue this run from its newest checkpoint (or the given checkpoint folder of "
+                            "this run); an error when it has none")
     train.set_defaults(func=cmd_train)
     demo = sub.add_parser("demo", help="train a tiny LoRA end to end on a built-in random model and data set")
     demo.add_argument("--workdir", default="lora_trainer_demo", help="folder for the demo's files")
@@ -107,9 +121,13 @@ def _add_optional_commands(sub) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; ordinary failures (bad input, disk full, read-only, not UTF-8...) are one line, exit 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (UserError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
+    except OSError as err:
+        return fail(describe_os_error(err))
+    except UnicodeDecodeError as err:
+        return fail(f"a file is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8")

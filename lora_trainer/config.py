@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lora_trainer.errors import UserError
+from lora_trainer import validation as rules
+from lora_trainer.safe_yaml import read_yaml_mapping
+from lora_trainer.validation import ConfigError, short_repr
 
-
-class ConfigError(UserError, ValueError):
-    """A config value or key is wrong; the message names the key and what is allowed."""
+__all__ = ["ConfigError", "TrainConfig", "config_from_dict", "dump_config", "load_config", "reference_table"]
 
 
 def _opt(default: Any, doc: str, *, choices: tuple | None = None, low: float | None = None,
-         high: float | None = None, path: bool = False, factory: Any = None) -> Any:
-    meta = {"doc": doc, "choices": choices, "low": low, "high": high, "path": path}
+         high: float | None = None, path: bool = False, factory: Any = None, max_len: int = rules.MAX_TEXT_CHARS,
+         max_items: int | None = None, why: str = "", check: Callable[[str, Any], Any] | None = None) -> Any:
+    """A config field: its doc line, allowed values, bounds (text length, list size) and any extra check."""
+    if path:
+        max_len = rules.MAX_PATH_CHARS
+    meta = {"doc": doc, "choices": choices, "low": low, "high": high, "path": path, "max_len": max_len,
+            "max_items": max_items, "why": why, "check": check}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,8 +43,10 @@ class TrainConfig:
     metadata_path: str | None = _opt(
         None, "CSV with columns filename,prompt. Default: <train_data_dir>/metadata.csv if present, "
         "else per-image .txt captions.", path=True)
-    trigger_word: str = _opt("", "Word put first in every caption; used alone when an image has no caption.")
-    resolution: int = _opt(512, "Training resolution in pixels (multiple of 64).", low=64, high=4096)
+    trigger_word: str = _opt("", "Word put first in every caption; used alone when an image has no caption.",
+                             max_len=200, why="a trigger word is a word or a short phrase")
+    resolution: int = _opt(512, "Training resolution in pixels (multiple of 64).", low=64, high=2048,
+                           check=lambda key, value: rules.check_resolution(value))
     bucket: bool = _opt(False, "Aspect-ratio buckets instead of a center crop to a square.")
     repeats: int = _opt(1, "How many times each image is seen per epoch.", low=1, high=1000)
     flip_aug: bool = _opt(False, "Random horizontal flips (keep off for asymmetric subjects or text).")
@@ -50,60 +58,75 @@ class TrainConfig:
         ".yaml beside it when present, or a diffusers folder (required).", path=True)
     task_type: str = _opt("text-to-image", "What is trained.", choices=("text-to-image",))
     # lora
-    lora_rank: int = _opt(16, "LoRA rank (network dim).", low=1, high=1024)
-    lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", low=0.0)
+    lora_rank: int = _opt(16, "LoRA rank (network dim).", low=1, high=512)
+    lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", low=0.0, high=4096.0)
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA path.", low=0.0, high=1.0)
     target_modules: list[str] = _opt(
         None, "UNet modules that get LoRA layers: attention projections by default; add 'proj_in', "
-        "'proj_out', 'ff.net.0.proj', 'ff.net.2' for more capacity.", factory=lambda: list(DEFAULT_TARGET_MODULES))
+        "'proj_out', 'ff.net.0.proj', 'ff.net.2' for more capacity.", factory=lambda: list(DEFAULT_TARGET_MODULES),
+        max_len=200, max_items=64, check=rules.check_module_names)
     train_text_encoder: bool = _opt(False, "Also train LoRA layers on the text encoder.")
     # optimisation
-    batch_size: int = _opt(1, "Images per step.", low=1, high=1024)
-    gradient_accumulation_steps: int = _opt(1, "Steps whose gradients are summed before an update.", low=1)
-    epochs: int = _opt(10, "Passes over the data set (ignored when max_steps is set).", low=1)
-    max_steps: int | None = _opt(None, "Total optimizer updates; overrides epochs.", low=1)
+    batch_size: int = _opt(1, "Images per step.", low=1, high=256)
+    gradient_accumulation_steps: int = _opt(1, "Steps whose gradients are summed before an update.", low=1,
+                                            high=256)
+    epochs: int = _opt(10, "Passes over the data set (ignored when max_steps is set).", low=1, high=10_000)
+    max_steps: int | None = _opt(None, "Total optimizer updates; overrides epochs.", low=1,
+                                 high=rules.MAX_TOTAL_STEPS)
     learning_rate: float = _opt(1e-4, "UNet LoRA learning rate.", low=0.0, high=1.0)
     text_encoder_lr: float | None = _opt(None, "Text-encoder LoRA learning rate (default: learning_rate / 2).",
                                          low=0.0, high=1.0)
     optimizer: str = _opt("adamw", "adamw, or adamw8bit (bitsandbytes on CUDA; falls back to adamw).",
                           choices=("adamw", "adamw8bit"))
-    weight_decay: float = _opt(1e-2, "AdamW weight decay.", low=0.0)
-    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).", low=0.0)
+    weight_decay: float = _opt(1e-2, "AdamW weight decay.", low=0.0, high=10.0)
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0 disables).", low=0.0, high=10_000.0)
     scheduler: str = _opt("constant", "Learning-rate schedule.", choices=("constant", "cosine", "linear"))
-    warmup_steps: int = _opt(0, "Linear warm-up updates before the schedule.", low=0)
+    warmup_steps: int = _opt(0, "Linear warm-up updates before the schedule.", low=0, high=rules.MAX_TOTAL_STEPS)
     mixed_precision: str = _opt("auto", "auto (bf16 or fp16 on CUDA, fp32 on CPU), no, fp16 or bf16.",
                                 choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward: less memory, ~30% slower.")
-    min_snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5 is typical); off when unset.", low=0.0)
+    min_snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5 is typical); off when unset.", low=0.0,
+                                       high=1000.0)
     noise_offset: float = _opt(0.0, "Noise offset (0.05-0.1 helps very dark / bright images).", low=0.0, high=1.0)
-    seed: int = _opt(42, "Random seed: the same seed and data give the same run.", low=0)
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    seed: int = _opt(42, "Random seed: the same seed and data give the same run.", low=0, high=rules.MAX_SEED)
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.", max_len=16,
+                       check=lambda key, value: rules.check_device(value))
     # outputs
     output_dir: str = _opt("outputs", "Folder for the LoRA, checkpoints, samples and the effective config.",
                            path=True)
-    output_name: str = _opt("my_lora", "File name of the LoRA (without .safetensors).")
+    output_name: str = _opt("my_lora", "File name of the LoRA (without .safetensors): a plain file name, no folders, "
+                            "not hidden, at most 100 characters.", check=rules.check_file_name)
     overwrite: bool = _opt(False, "Allow replacing an existing LoRA file of the same name.")
     save_steps: int = _opt(0, "Write a resumable checkpoint every N updates (0: only at the end / on Ctrl-C).",
-                           low=0)
-    resume_from: str | None = _opt(None, "Checkpoint folder to resume, or 'latest' (newest in output_dir).")
-    log_dir: str | None = _opt(None, "TensorBoard log folder (default: <output_dir>/logs).", path=True)
-    sample_prompts: list[str] = _opt(None, "Prompts rendered as sample images during training.", factory=list)
+                           low=0, high=rules.MAX_TOTAL_STEPS)
+    resume_from: str | None = _opt(
+        None, "Resume an interrupted run: 'latest' (its newest checkpoint) or one of its checkpoint folders. "
+        "Only the same run resumes (same output_name, data and weight-shaping settings).",
+        max_len=rules.MAX_PATH_CHARS)
+    log_dir: str | None = _opt(None, "TensorBoard log folder inside output_dir (default: <output_dir>/logs).",
+                               path=True)
+    sample_prompts: list[str] = _opt(None, "Prompts rendered as sample images during training.", factory=list,
+                                     max_len=1000, max_items=32, why="each prompt costs a sample render")
     sample_every: int = _opt(0, "Render samples every N updates (0: only at the end when prompts are set).",
-                             low=0)
-    sample_steps: int = _opt(20, "Denoising steps per sample image.", low=1, high=1000)
+                             low=0, high=rules.MAX_TOTAL_STEPS)
+    sample_steps: int = _opt(20, "Denoising steps per sample image.", low=1, high=150)
+    # preview: the picture of the LoRA's card
+    preview: bool = _opt(True, "Render one picture with the trigger word (and the first sample prompt) at the end "
+                         "of a finished run: <output_name>.preview.png, installed with the LoRA in the WebUI.")
     # knowing when it is done: validation, overfitting alarm, epoch snapshots and their grid
     validation_split: float = _opt(0.0, "Share of the images held out to compute a validation loss (0: none; "
                                    "0.1 is typical).", low=0.0, high=0.5)
     validation_dir: str | None = _opt(None, "Folder of held-out validation images with captions (instead of "
                                       "validation_split).", path=True)
     validate_every: int = _opt(0, "Compute the validation loss every N updates (0: at the end of every epoch).",
-                               low=0)
+                               low=0, high=rules.MAX_TOTAL_STEPS)
     overfit_patience: int = _opt(3, "Evaluations in a row the validation loss must rise, while the training loss "
                                  "falls, before the overfitting alarm.", low=2, high=100)
     early_stop: bool = _opt(False, "When the overfitting alarm fires, stop and keep the LoRA of the best "
                             "validation step.")
     save_every_n_epochs: int = _opt(0, "Keep a LoRA snapshot every N epochs; at the end a grid of snapshots x "
-                                    "weights x sample prompts is rendered to pick one from (0: off).", low=0)
+                                    "weights x sample prompts is rendered to pick one from (0: off).", low=0,
+                                    high=10_000)
 
     # ---- derived helpers -------------------------------------------------------------------------
     def resolved_log_dir(self) -> Path:
@@ -122,6 +145,8 @@ REQUIRED = ("train_data_dir", "base_model")
 
 def closest_key(name: str) -> str | None:
     """The valid key that most resembles a misspelt one."""
+    if len(name) > 100:
+        return None
     match = difflib.get_close_matches(name, list(FIELDS), n=1, cutoff=0.6)
     return match[0] if match else None
 
@@ -130,53 +155,70 @@ def _type_name(annotation: str) -> str:
     return annotation.replace(" | None", "").replace("list[str]", "list of strings")
 
 
+def _as_type(name: str, annotation: str, value: Any) -> Any:
+    """``value`` as the field's type (ints from whole floats, floats from YAML's "1e-4" strings), else ConfigError."""
+    wrong = ConfigError(f"{name}: expected {_type_name(annotation)}, got {short_repr(value)} ({type(value).__name__})")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation.startswith("bool"):
+        if not isinstance(value, bool):
+            raise wrong
+    elif annotation.startswith("int"):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not number or not isinstance(value, int):
+            raise wrong
+    elif annotation.startswith("float"):
+        if isinstance(value, str) and len(value) <= 100:
+            try:  # YAML 1.1 reads "1e-4" as a string
+                value, number = float(value), True
+            except ValueError:
+                pass
+        if not number:
+            raise wrong
+        try:
+            value = rules.check_finite(name, float(value))
+        except OverflowError as err:
+            raise ConfigError(f"{name}: {short_repr(value)} is too large") from err
+    elif annotation.startswith("list"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value[:10_000]):
+            raise wrong
+    elif annotation.startswith("str"):
+        if number and abs(value) < 1e18:
+            value = str(value)
+        if not isinstance(value, str):
+            raise wrong
+    return value
+
+
 def _check_value(name: str, value: Any) -> Any:
     f = FIELDS[name]
     annotation = str(f.type)
     meta = f.metadata
-    nullable = "None" in annotation
     if value is None:
-        if nullable:
+        if "None" in annotation:
             return None
         raise ConfigError(f"{name}: a value is required ({_type_name(annotation)}), got null")
-    wrong = f"{name}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
-    if annotation.startswith("bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(wrong)
-    elif annotation.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise ConfigError(wrong)
-    elif annotation.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):
-                try:  # YAML 1.1 reads "1e-4" as a string
-                    value = float(value)
-                except ValueError as err:
-                    raise ConfigError(wrong) from err
-            else:
-                raise ConfigError(wrong)
-        value = float(value)
-    elif annotation.startswith("list"):
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(wrong)
-    elif annotation.startswith("str"):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str):
-            raise ConfigError(wrong)
+    value = _as_type(name, annotation, value)
+    if isinstance(value, list):
+        if meta["max_items"] is not None and len(value) > meta["max_items"]:
+            why = f" ({meta['why']})" if meta["why"] else ""
+            raise ConfigError(f"{name}: {len(value)} entries is too many; at most {meta['max_items']} are allowed{why}")
+        for index, item in enumerate(value):
+            rules.check_text(f"{name}[{index}]", item, meta["max_len"], meta["why"])
+    elif isinstance(value, str):
+        rules.check_text(name, value, meta["max_len"], meta["why"])
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{name}: {value!r} is not allowed; choose one of: {', '.join(choices)}")
+        raise ConfigError(f"{name}: {short_repr(value)} is not allowed; choose one of: {', '.join(choices)}")
     low, high = meta.get("low"), meta.get("high")
     if low is not None and value < low:
-        raise ConfigError(f"{name}: {value!r} is too small; allowed range is {_range(low, high)}")
+        raise ConfigError(f"{name}: {short_repr(value)} is too small; allowed range is {_range(low, high)}")
     if high is not None and value > high:
-        raise ConfigError(f"{name}: {value!r} is too large; allowed range is {_range(low, high)}")
+        raise ConfigError(f"{name}: {short_repr(value)} is too large; allowed range is {_range(low, high)}")
+    if meta["check"] is not None:
+        value = meta["check"](name, value)
     return value
 
 
@@ -190,14 +232,18 @@ def _resolve_path(value: str, base_dir: Path) -> str:
 
 
 def config_from_dict(data: dict[str, Any], base_dir: Path | None = None, *, require: bool = True) -> TrainConfig:
-    """Validate a mapping of settings; relative paths resolve against ``base_dir``."""
+    """Validate a mapping of settings; relative paths resolve against ``base_dir``.
+
+    The one validator of every entry point (YAML file, tab, HTTP API): types, bounds, finite numbers, a plain
+    ``output_name`` and a ``log_dir`` inside ``output_dir``.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping of key: value, got {type(data).__name__}")
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in FIELDS:
-            hint = closest_key(str(key))
-            raise ConfigError(f"unknown config key {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+            hint = closest_key(str(key)) if isinstance(key, str) else None
+            raise ConfigError(f"unknown config key {short_repr(key)}" + (f"; did you mean {hint!r}?" if hint else ""))
         values[key] = _check_value(key, value)
     if require:
         missing = [k for k in REQUIRED if values.get(k) is None]
@@ -209,8 +255,8 @@ def config_from_dict(data: dict[str, Any], base_dir: Path | None = None, *, requ
             value = getattr(cfg, name)
             if f.metadata.get("path") and isinstance(value, str):
                 setattr(cfg, name, _resolve_path(value, base_dir))
-    if cfg.resolution % 8:
-        raise ConfigError(f"resolution: {cfg.resolution} must be a multiple of 8 (64 recommended)")
+    if cfg.log_dir:
+        rules.check_inside("log_dir", cfg.log_dir, cfg.output_dir)
     if cfg.sample_every and not cfg.sample_prompts:
         raise ConfigError("sample_every is set but sample_prompts is empty; add at least one prompt")
     _check_validation(cfg)
@@ -230,14 +276,7 @@ def _check_validation(cfg: TrainConfig) -> None:
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML config file; relative paths in it resolve against the file's folder."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    data = read_yaml_mapping(path, what="config file", error=ConfigError)
     if overrides:
         data = {**data, **overrides}
     return config_from_dict(data, base_dir=path.resolve().parent)

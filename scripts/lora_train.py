@@ -74,10 +74,16 @@ def on_ui_settings():
         presets = ["", *PRESETS]
     except Exception:  # noqa: BLE001 - settings must not fail because of the package
         presets = [""]
+    try:
+        from lora_trainer.ui.webui_host import default_output_dir
+
+        output_dir = default_output_dir()
+    except Exception:  # noqa: BLE001 - settings must not fail because of the package
+        output_dir = str(Path("outputs") / "lora_train")
     options = {
         "lora_train_output_dir": _option(
-            str(Path("outputs") / "lora_train"), "Folder for training outputs (checkpoints, samples, configs)",
-            section=SECTION),
+            output_dir, "Folder for training outputs (checkpoints, samples, configs); "
+            "also the API's when a job names no output_dir", section=SECTION),
         "lora_train_sample_every": _option(
             0, "Render sample images every N steps (0: only at the end)", gr.Number, {"precision": 0},
             section=SECTION),
@@ -92,9 +98,11 @@ def on_app_started(demo, app):
     try:
         from lora_trainer.ui.api import register_routes
         from lora_trainer.ui.job import current_job
+        from lora_trainer.ui.webui_host import trusted_origins
 
         register_routes(app, current_job(), get_host,
-                        api_auth=lambda: getattr(getattr(shared, "cmd_opts", None), "api_auth", None))
+                        api_auth=lambda: getattr(getattr(shared, "cmd_opts", None), "api_auth", None),
+                        trusted_origins=lambda: trusted_origins(getattr(shared, "cmd_opts", None), demo))
     except Exception:  # noqa: BLE001 - the API is optional; the tab still works
         traceback.print_exc()
 

@@ -12,11 +12,30 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tokenizer_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny models' tokenizer as the cached CLIP tokenizer, so that a tiny checkpoint without a .yaml (whose
+    tokenizer is looked up like a real model's) tokenizes as the tiny models do; nothing in ~/.cache is used."""
+    import os
+
+    from lora_trainer.models.tokenizer import write_demo_tokenizer_files
+
+    cache = tmp_path_factory.mktemp("lora_trainer_cache")
+    write_demo_tokenizer_files(cache / "clip_tokenizer")
+    before = os.environ.get("LORA_TRAINER_CACHE")
+    os.environ["LORA_TRAINER_CACHE"] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop("LORA_TRAINER_CACHE", None)
+    else:
+        os.environ["LORA_TRAINER_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora_trainer.models.tokenizer import write_clip_tokenizer_files
+    from lora_trainer.models.tokenizer import write_demo_tokenizer_files
 
-    return write_clip_tokenizer_files(tmp_path_factory.mktemp("clip_tokenizer"))
+    return write_demo_tokenizer_files(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 @pytest.fixture(scope="session")

@@ -50,14 +50,15 @@ def test_unknown_key_names_the_closest_valid_key(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("lora_rank", "eight", r"lora_rank: expected int, got 'eight' \(str\)"),
-    ("lora_rank", 0, r"lora_rank: 0 is too small; allowed range is 1 .. 1024"),
+    ("lora_rank", 0, r"lora_rank: 0 is too small; allowed range is 1 .. 512"),
     ("learning_rate", 5.0, r"learning_rate: 5.0 is too large; allowed range is 0.0 .. 1.0"),
     ("optimizer", "sgd", r"optimizer: 'sgd' is not allowed; choose one of: adamw, adamw8bit"),
     ("scheduler", "cosine_restarts", r"scheduler: 'cosine_restarts' is not allowed"),
     ("train_text_encoder", "yes", r"train_text_encoder: expected bool, got 'yes' \(str\)"),
     ("batch_size", 2.5, r"batch_size: expected int, got 2.5 \(float\)"),
     ("sample_prompts", [1, 2], r"sample_prompts: expected list of strings"),
-    ("resolution", 500, r"resolution: 500 must be a multiple of 8"),
+    ("resolution", 500, r"resolution: 500 must be a multiple of 64 \(e.g. 448 or 512\)"),
+    ("resolution", 72, r"resolution: 72 must be a multiple of 64"),
     ("caption_dropout", -0.1, r"caption_dropout: -0.1 is too small"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(key: str, value: object, message: str) -> None:

@@ -25,6 +25,15 @@ class CaptionModelMissing(UserError):
         super().__init__(message + (f". {hint}" if hint else ""))
 
 
+class CaptionModelBroken(UserError):
+    """A captioner's model file is there but cannot be read (not JSON, truncated weights, not ONNX...)."""
+
+    def __init__(self, what: str, path: str | Path, reason: str, hint: str = "") -> None:
+        self.path = str(path)
+        reason = " ".join(str(reason).split())[:200]
+        super().__init__(f"{what} model file {path} cannot be read ({reason})" + (f". {hint}" if hint else ""))
+
+
 class CaptionDependencyMissing(UserError, ImportError):
     """A package a captioner needs is not installed: the message gives the pip command."""
 

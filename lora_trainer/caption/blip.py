@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 from PIL import Image
 
-from lora_trainer.caption.base import CaptionDeviceError, CaptionModelMissing
+from lora_trainer.caption.base import CaptionDeviceError, CaptionModelBroken, CaptionModelMissing
 
 BLIP_BASE = "Salesforce/blip-image-captioning-base"
 BLIP_LARGE = "Salesforce/blip-image-captioning-large"
@@ -44,6 +45,34 @@ def resolve_blip_source(model: str | os.PathLike | None, cache_dir: str | os.Pat
         raise CaptionModelMissing("BLIP", path, EXPECTED_FILES, "Pass a folder saved with save_pretrained.")
     cache_folder = Path(cache_dir or _hub_cache()) / ("models--" + name.replace("/", "--"))
     return name, str(cache_folder)
+
+
+def check_blip_files(source: str, where: str) -> None:
+    """Fast checks before transformers is imported: the model is on disk, ``config.json`` is JSON and the
+    weights' header reads. CaptionModelMissing / CaptionModelBroken name the folder or the file."""
+    folder = Path(where)
+    if source != where:  # a hub id: its local cache folder must hold a snapshot
+        snapshots = sorted((folder / "snapshots").glob("*/config.json"))
+        if not snapshots:
+            raise CaptionModelMissing("BLIP", where, EXPECTED_FILES, _missing_hint(source, where, OSError("")))
+        folder = snapshots[-1].parent
+    config = folder / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CaptionModelBroken("BLIP", config, f"not a JSON config: {err}",
+                                 "Replace it with the model's own config.json") from None
+    if not isinstance(data, dict):
+        raise CaptionModelBroken("BLIP", config, "not a JSON object", "Replace it with the model's own config.json")
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged headers
+            raise CaptionModelBroken("BLIP", weights, str(err), "Download the weights again") from None
 
 
 def pick_device(device: str = "auto") -> str:
@@ -88,10 +117,11 @@ class BlipCaptioner:
         prompt: str = "",
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
+        source, where = resolve_blip_source(model, cache_dir)
+        check_blip_files(source, where)  # before the slow imports: a missing model is reported at once
         import torch
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        source, where = resolve_blip_source(model, cache_dir)
         self.device = pick_device(device)
         self.dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         try:
@@ -100,6 +130,9 @@ class BlipCaptioner:
                 source, local_files_only=True, use_safetensors=True, cache_dir=cache_dir)
         except OSError as err:
             raise CaptionModelMissing("BLIP", where, EXPECTED_FILES, _missing_hint(source, where, err)) from err
+        except (ValueError, RuntimeError, KeyError, TypeError) as err:  # a damaged or mismatched file
+            raise CaptionModelBroken("BLIP", where, f"{type(err).__name__}: {err}",
+                                     "Put a complete save_pretrained folder there") from err
         self.model = model_obj.to(self.device, dtype=self.dtype).eval()
         self.num_beams = num_beams
         self.max_new_tokens = max_new_tokens

@@ -20,6 +20,7 @@ from lora_trainer.data.captions import (
 )
 from lora_trainer.data.images import ImageLoadError, list_image_files, load_image
 from lora_trainer.errors import UserError
+from lora_trainer.fsutil import read_utf8
 
 FORMATS = ("csv", "txt", "both")
 Progress = Callable[[int, int], None]
@@ -33,6 +34,7 @@ class CaptionReport:
     kept: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
 
     def summary(self) -> str:
         lines = [f"captioned {len(self.written)}, kept {len(self.kept)} existing, failed {len(self.failed)}"]
@@ -61,12 +63,14 @@ def caption_folder(
     overwrite: bool = False,
     batch_size: int = 8,
     progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> CaptionReport:
     """Caption every image under ``folder`` that has no caption yet (all of them with ``overwrite``).
 
     Captions go to ``folder/metadata.csv`` (``fmt='csv'``), ``.txt`` sidecars (``'txt'``) or both; the
     trigger word is put first exactly once. Existing non-empty captions are kept as they are and copied into
-    the requested format. ``progress(done, total)`` is called after each batch.
+    the requested format. ``progress(done, total)`` is called after each batch; ``should_stop()`` is polled
+    before each batch (an interrupt keeps the captions written so far and sets ``report.interrupted``).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -76,7 +80,7 @@ def caption_folder(
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     csv_path = folder / METADATA_FILE
-    old_csv_text = csv_path.read_text(encoding="utf-8") if csv_path.is_file() else None
+    old_csv_text = read_utf8(csv_path) if csv_path.is_file() else None
     rows = read_metadata_csv(csv_path) if old_csv_text is not None else {}
     existing = {} if overwrite else {k: v for k, v in load_captions(folder).items() if v.strip()}
     report = CaptionReport()
@@ -94,7 +98,7 @@ def caption_folder(
         report.notes.append(f"{csv_path} also has captions for some of these images and takes precedence over .txt "
                             "files; use --format both to update it too")
     try:
-        _caption_batches(todo, captioner, trigger, fmt, batch_size, rows, report, progress)
+        _caption_batches(todo, captioner, trigger, fmt, batch_size, rows, report, progress, should_stop)
     finally:
         if fmt in ("csv", "both") and rows and format_metadata_csv(rows) != old_csv_text:
             write_metadata_csv(csv_path, rows)
@@ -114,10 +118,15 @@ def _caption_batches(
     rows: dict[str, str],
     report: CaptionReport,
     progress: Progress | None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """Load, caption and record ``todo`` one batch at a time (rows/report are filled in place)."""
     done = 0
     for start in range(0, len(todo), batch_size):
+        if should_stop is not None and should_stop():
+            report.interrupted = True
+            report.notes.append(f"interrupted after {start} of {len(todo)} image(s); run again to caption the rest")
+            return
         loaded = []
         for path, rel in todo[start:start + batch_size]:
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -11,7 +12,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lora_trainer.caption.base import CaptionDependencyMissing, CaptionDeviceError, CaptionModelMissing
+from lora_trainer.caption.base import (
+    CaptionDependencyMissing,
+    CaptionDeviceError,
+    CaptionModelBroken,
+    CaptionModelMissing,
+)
+from lora_trainer.fsutil import read_utf8
 
 MODEL_FILE = "model.onnx"
 TAGS_FILE = "selected_tags.csv"
@@ -55,7 +62,7 @@ def parse_exclude(text: str | Iterable[str] | None) -> frozenset[str]:
 def read_selected_tags(path: str | Path) -> list[Tag]:
     """Read ``selected_tags.csv`` (columns tag_id,name,category,count); order is the model's output order."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as handle:
+    with io.StringIO(read_utf8(path), newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"name", "category"} - set(reader.fieldnames or ())
         if missing:
@@ -159,7 +166,12 @@ class WD14Tagger:
         self.threshold = threshold
         self.character_threshold = character_threshold
         self.exclude = parse_exclude(exclude)
-        self.session = ort.InferenceSession(str(onnx_path), providers=_providers(ort, device))
+        providers = _providers(ort, device)
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), providers=providers)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail...)
+            raise CaptionModelBroken("WD14 tagger", onnx_path, f"not a valid ONNX model: {err}",
+                                     "Replace it with the tagger's model.onnx") from None
         spec = self.session.get_inputs()[0]
         self.input_name = spec.name
         shape = list(spec.shape)

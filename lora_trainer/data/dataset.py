@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lora_trainer.data.buckets import default_step, make_buckets, nearest_bucket
-from lora_trainer.data.captions import apply_trigger, load_captions
+from lora_trainer.data.captions import CaptionRow, apply_trigger, read_captions
 from lora_trainer.data.images import (
     IMAGE_EXTENSIONS,
     ImageLoadError,
@@ -46,6 +46,8 @@ class DatasetScan:
     uncaptioned: list[Path]
     folder: Path | None = field(default=None)
     trigger_word: str = ""
+    unmatched: list[CaptionRow] = field(default_factory=list)  # metadata.csv rows naming no image of the folder
+    csv_path: Path | None = None
 
     def _name(self, path: Path) -> str:
         if self.folder is not None:
@@ -66,6 +68,11 @@ class DatasetScan:
             trigger = self.trigger_word.strip()
             using = f"the trigger word {trigger!r} as caption" if trigger else "an empty caption"
             lines.append(f"{len(self.uncaptioned)} image(s) have no caption, using {using} for them: {listed}")
+        if self.unmatched:
+            listed = ", ".join(f"line {row.line} {row.filename!r}" for row in self.unmatched[:10])
+            more = f", and {len(self.unmatched) - 10} more" if len(self.unmatched) > 10 else ""
+            lines.append(f"{self.csv_path} names {len(self.unmatched)} file(s) that are not images in the folder "
+                         f"(their captions are unused): {listed}{more}")
         return lines
 
 
@@ -91,7 +98,10 @@ def scan_dataset(folder: str | Path, metadata_path: str | Path | None = None, tr
     if not paths:
         kinds = ", ".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
         raise DatasetError(f"no images ({kinds}) in training folder {folder}")
-    captions = load_captions(folder, metadata_path)
+    found = read_captions(folder, metadata_path)
+    captions = found.captions
+    names = {path.relative_to(folder).as_posix() for path in paths}
+    unmatched = [row for row in found.rows if row.filename not in names]
     buckets = make_buckets(resolution, step=default_step(resolution)) if bucket else None
     items: list[TrainItem] = []
     skipped: list[tuple[Path, str]] = []
@@ -110,7 +120,7 @@ def scan_dataset(folder: str | Path, metadata_path: str | Path | None = None, tr
         items.append(TrainItem(path, apply_trigger(caption, trigger_word), width, height, target))
     if not items:
         raise DatasetError(_describe_broken(folder, skipped))
-    return DatasetScan(items, skipped, uncaptioned, folder, trigger_word)
+    return DatasetScan(items, skipped, uncaptioned, folder, trigger_word, unmatched, found.csv_path)
 
 
 def load_pixels(item: TrainItem, flip: bool = False) -> torch.Tensor:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 from lora_trainer.errors import UserError
 
@@ -164,4 +168,20 @@ def flip_horizontal(image: Image.Image) -> Image.Image:
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as a float32 tensor ``[3, H, W]`` in ``[-1, 1]``."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    import torch  # imported here: the command line lists its commands without loading torch
+
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))) / 127.5 - 1.0
+
+
+def split_readable(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``paths`` split into images that decode fully and ``(path, reason)`` for those that do not."""
+    readable: list[Path] = []
+    broken: list[tuple[Path, str]] = []
+    for path in paths:
+        try:
+            load_image(path).close()
+        except ImageLoadError as error:
+            broken.append((path, error.reason))
+        else:
+            readable.append(path)
+    return readable, broken

@@ -23,7 +23,7 @@ def save_lora(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[s
     Adds ``sshs_model_hash`` (so the WebUI need not hash the file) unless given. An existing file raises
     FileExistsError naming it unless ``overwrite``.
     """
-    from safetensors.torch import save, save_file
+    from safetensors.torch import save
 
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
@@ -33,8 +33,8 @@ def save_lora(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[s
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
     metadata = dict(metadata)
     metadata.setdefault("sshs_model_hash", tensor_data_hash(save(tensors)))
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
-                        overwrite=overwrite)
+    data = save(tensors, metadata=metadata)  # written with Python I/O: a full disk is a plain OSError
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite)
 
 
 def read_lora_metadata(path: str | Path) -> dict[str, str]:

@@ -94,6 +94,33 @@ def load_backbone(path: str | Path, *, device: torch.device | str = "cpu",
     return backbone.to(device, dtype)
 
 
+def check_base_model(path: str | Path) -> None:
+    """Cheap checks before any work (no weights read): the file or folder exists, a ``.safetensors`` header
+    parses, a diffusers folder has its index and subfolders. Raises ModelLoadError naming the file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"base model {path} does not exist; {_EXPECTED}")
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelLoadError(f"{path} is a folder without model_index.json; {_EXPECTED}")
+        missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer") if not (path / sub).is_dir()]
+        if missing:
+            raise ModelLoadError(f"{path} lacks the subfolder(s) {', '.join(missing)}; {_EXPECTED}")
+        return
+    suffix = path.suffix.lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise ModelLoadError(f"{path}: unknown file type {suffix or '(none)'!r}; {_EXPECTED}")
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for damaged headers
+            raise ModelLoadError(f"{path} is not a readable .safetensors file ({str(error)[:200]})") from error
+
+
 # ---- reading weights -----------------------------------------------------------------------------------------
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` / ``.ckpt`` / ``.pt`` file (a ``state_dict`` wrapper is unwrapped)."""

@@ -1,8 +1,9 @@
 """Tiny random Stable Diffusion 1.5-topology models, built from configs (demo, tests, benchmarks).
 
 Same block layout as SD1.5 (4-level UNet with cross-attention in the first three levels, 4-level VAE,
-CLIP text transformer with the real 49,408-token vocabulary), tiny widths. Channel counts stay multiples
-of 32 because the LDM code the WebUI runs uses 32-group GroupNorm everywhere.
+CLIP text transformer with a 49,408-token vocabulary of CLIP's size and special-token ids, generated offline
+by :func:`~lora_trainer.models.tokenizer.write_demo_tokenizer_files`), tiny widths. Channel counts stay
+multiples of 32 because the LDM code the WebUI runs uses 32-group GroupNorm everywhere.
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ def tiny_clip_config() -> dict[str, Any]:
 
 
 def build_tiny_components(seed: int = 0, tokenizer_dir: str | None = None) -> dict[str, Any]:
-    """Random tiny ``unet``, ``vae``, ``text_encoder`` and the real CLIP ``tokenizer``, deterministic in seed."""
+    """Random tiny ``unet``, ``vae``, ``text_encoder`` and the demo ``tokenizer`` (its files in ``tokenizer_dir``,
+    written there if absent; a temporary folder when None), deterministic in seed."""
+    import tempfile
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_trainer.models.tokenizer import load_clip_tokenizer
+    from lora_trainer.models.tokenizer import load_demo_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config())
@@ -78,7 +82,7 @@ def build_tiny_components(seed: int = 0, tokenizer_dir: str | None = None) -> di
     for module in (unet, vae, text_encoder):
         module.eval()
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder,
-            "tokenizer": load_clip_tokenizer(tokenizer_dir)}
+            "tokenizer": load_demo_tokenizer(tokenizer_dir or tempfile.mkdtemp(prefix="tiny_clip_"))}
 
 
 def _randomise_final_norm(text_encoder: torch.nn.Module, seed: int) -> None:
@@ -129,12 +133,12 @@ def write_tiny_checkpoint(folder: str | Path, name: str = "tiny-sd15", seed: int
 
     from lora_trainer.fsutil import atomic_write, atomic_write_text
     from lora_trainer.models.ldm_checkpoint import CLIP_PREFIX, diffusers_to_ldm_state_dict, text_encoder_to_ldm
-    from lora_trainer.models.tokenizer import write_clip_tokenizer_files
+    from lora_trainer.models.tokenizer import write_demo_tokenizer_files
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     clip_dir = folder / f"{name}-clip"
-    write_clip_tokenizer_files(clip_dir)
+    write_demo_tokenizer_files(clip_dir)
     parts = build_tiny_components(seed, tokenizer_dir=str(clip_dir))
     text_encoder = parts["text_encoder"]
     atomic_write_text(clip_dir / "config.json", text_encoder.config.to_json_string())

@@ -16,11 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-CHECKPOINT_DIR = "checkpoints"
+from lora_trainer.errors import UserError
+from lora_trainer.validation import inside, short_repr
+
 KEEP_LAST = 3
 TRAINING_STATE = "training_state"  # .json (structure and numbers) + .safetensors (its tensors)
+TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot be read or does not belong to the run that asks for it."""
 
 
 @dataclass
@@ -49,26 +55,29 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINT_DIR
-
-
-def save_checkpoint(output_dir: str | Path, progress: Progress, lora_state: dict[str, torch.Tensor],
+def save_checkpoint(run_dir: str | Path, progress: Progress, lora_state: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, scheduler: Any, extra_files: dict[str, Any] | None = None
                     ) -> Path:
-    """Write ``<output_dir>/checkpoints/step-NNNNNN`` whole or not at all; keep the last few."""
-    root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{progress.global_step:06d}"
-    tmp = root / f".{final.name}.tmp"
+    """Write ``<run_dir>/step-NNNNNN`` whole or not at all; keep this run's last :data:`KEEP_LAST`.
+
+    Files are written into ``.step-NNNNNN.tmp`` and the folder is renamed when complete; an interrupted write
+    leaves only that temporary folder, which :func:`remove_unfinished` deletes at the next start.
+    """
+    from safetensors.torch import save
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = inside(run_dir, f"step-{progress.global_step:06d}")
+    tmp = inside(run_dir, f".{final.name}{TMP_SUFFIX}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in lora_state.items()}, str(tmp / "lora_state.safetensors"))
+    lora = {k: v.detach().contiguous().cpu() for k, v in lora_state.items()}
+    (tmp / "lora_state.safetensors").write_bytes(save(lora))  # Python I/O: a full disk is a plain OSError
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split_tensors({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "rng": rng_state()}, tensors)
-    save_file(tensors, str(tmp / f"{TRAINING_STATE}.safetensors"))
+    (tmp / f"{TRAINING_STATE}.safetensors").write_bytes(save(tensors))
     (tmp / f"{TRAINING_STATE}.json").write_text(json.dumps(skeleton), encoding="utf-8")
     (tmp / "progress.json").write_text(json.dumps(asdict(progress)), encoding="utf-8")
     for name, write in (extra_files or {}).items():
@@ -79,31 +88,35 @@ def save_checkpoint(output_dir: str | Path, progress: Progress, lora_state: dict
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(output_dir)[:-KEEP_LAST]:
+    for old in list_checkpoints(run_dir)[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    root = checkpoint_root(output_dir)
-    if not root.is_dir():
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoint folders of one run, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+    found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("step-")
              and (p / "progress.json").is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
-def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
-    """``latest`` -> newest checkpoint in output_dir (None when there is none); else the given folder."""
-    if not resume_from:
-        return None
-    if resume_from == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume_from)
-    if not (path / "progress.json").is_file():
-        raise FileNotFoundError(f"resume_from: {path} is not a checkpoint folder (no progress.json in it)")
-    return path
+def remove_unfinished(folder: str | Path) -> list[Path]:
+    """Delete what interrupted writes left in ``folder``: ``.step-*.tmp`` folders and ``.*.tmp`` files."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if path.name.startswith(".") and path.name.endswith(TMP_SUFFIX):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 @dataclass
@@ -116,17 +129,50 @@ class LoadedCheckpoint:
     rng: dict[str, Any]
 
 
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Read a checkpoint folder (JSON and safetensors only: no pickled code runs)."""
+def read_progress(path: str | Path) -> Progress:
+    """The ``progress.json`` of a checkpoint folder; CheckpointError when it cannot be read."""
     path = Path(path)
-    progress = Progress(**json.loads((path / "progress.json").read_text(encoding="utf-8")))
+    try:
+        return Progress(**json.loads((path / "progress.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable: progress.json: {short_repr(str(err))}") from None
+
+
+def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Read a checkpoint folder (JSON and safetensors only: no pickled code runs).
+
+    A missing, truncated or corrupt file raises CheckpointError naming the folder and the file.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    progress = read_progress(path)
     if not (path / f"{TRAINING_STATE}.json").is_file():
-        raise FileNotFoundError(f"{path} has no {TRAINING_STATE}.json (written by an older lora-trainer?); "
-                                f"start the run again without resume_from")
-    skeleton = json.loads((path / f"{TRAINING_STATE}.json").read_text(encoding="utf-8"))
-    state = _join_tensors(skeleton, load_file(str(path / f"{TRAINING_STATE}.safetensors")))
-    return LoadedCheckpoint(path, progress, load_file(str(path / "lora_state.safetensors")),
-                            state["optimizer"], state["scheduler"], state["rng"])
+        raise CheckpointError(f"{path} has no {TRAINING_STATE}.json (written by an older lora-trainer?); "
+                              f"start the run again without resume_from")
+    current = f"{TRAINING_STATE}.json"
+    try:
+        skeleton = json.loads((path / current).read_text(encoding="utf-8"))
+        current = f"{TRAINING_STATE}.safetensors"
+        state = _join_tensors(skeleton, load_file(str(path / current)))
+        current = "lora_state.safetensors"
+        lora_state = load_file(str(path / current))
+        return LoadedCheckpoint(path, progress, lora_state, state["optimizer"], state["scheduler"], state["rng"])
+    except Exception as err:  # noqa: BLE001 - safetensors, json and a damaged structure raise many kinds
+        raise CheckpointError(f"checkpoint {path} is unreadable: {current}: {short_repr(str(err))}") from None
+
+
+def load_newest_readable(run_dir: str | Path, warn: Any = print) -> LoadedCheckpoint | None:
+    """The newest checkpoint of a run that reads completely; a damaged newer one is skipped with a warning."""
+    candidates = list_checkpoints(run_dir)[::-1]
+    for index, path in enumerate(candidates):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as err:
+            older = candidates[index + 1].name if index + 1 < len(candidates) else None
+            warn(f"{err}; " + (f"falling back to the previous checkpoint {older}" if older else
+                               "no older checkpoint is left"))
+    return None
 
 
 def _split_tensors(value: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:

@@ -31,6 +31,7 @@ from lora_trainer.train.events import (
     SnapshotEvent,
     ValidationEvent,
 )
+from lora_trainer.train.layout import RunLayout
 from lora_trainer.train.overfit import OverfitMonitor
 from lora_trainer.train.validation import ValidationLoss, probe_items, split_validation
 
@@ -204,9 +205,10 @@ class RunWatch:
             self.bus.emit(MessageEvent("the epoch grid was interrupted; the snapshots are kept", "warning"))
             return
         for snapshot, picture in grids.preview_cells(cells).items():
-            grids.save_png(picture, snaps.preview_path(snapshot.path))
+            if snapshot.kind != "final":  # the final LoRA's picture is the run's own preview
+                grids.save_png(picture, snaps.preview_path(snapshot.path))
         image = grids.compose_grid(cells)
-        report.grid_path = grids.save_png(image, self.output_dir / f"{cfg.output_name}.grid.png")
+        report.grid_path = grids.save_png(image, RunLayout.of(cfg).grid_file)
         report.grid_cells = len(cells)
         if self.writer is not None:
             import numpy as np

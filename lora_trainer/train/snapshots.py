@@ -19,8 +19,8 @@ from torch import nn
 from lora_trainer.lora.export import load_lora_file, read_lora_metadata, save_lora
 from lora_trainer.lora.inject import load_lora_state_dict, lora_state_dict
 from lora_trainer.lora.kohya import from_kohya_state_dict, to_kohya_state_dict
+from lora_trainer.train.layout import RunLayout
 
-SNAPSHOT_DIR = "snapshots"
 KIND_KEY = "lora_trainer_snapshot"  # metadata: "epoch", "best" or "final"
 VALIDATION_KEY = "lora_trainer_validation_loss"
 
@@ -52,16 +52,12 @@ class Snapshot:
                 "validation_loss": self.validation_loss, "label": self.label}
 
 
-def snapshot_folder(output_dir: str | Path) -> Path:
-    return Path(output_dir) / SNAPSHOT_DIR
-
-
 def epoch_snapshot_path(output_dir: str | Path, name: str, epoch: int) -> Path:
-    return snapshot_folder(output_dir) / f"{name}-{epoch:06d}.safetensors"
+    return RunLayout(Path(output_dir), name).snapshot_file(f"{epoch:06d}")
 
 
 def best_snapshot_path(output_dir: str | Path, name: str) -> Path:
-    return snapshot_folder(output_dir) / f"{name}-best.safetensors"
+    return RunLayout(Path(output_dir), name).snapshot_file("best")
 
 
 def preview_path(path: Path) -> Path:
@@ -90,7 +86,7 @@ def read_snapshot(path: Path, kind: str | None = None) -> Snapshot:
 
 def list_snapshots(output_dir: str | Path, name: str) -> list[Snapshot]:
     """The run's snapshots on disk, by step (the best one after the epoch it equals, if any)."""
-    folder = snapshot_folder(output_dir)
+    folder = RunLayout(Path(output_dir), name).snapshots_dir
     if not folder.is_dir():
         return []
     pattern = re.compile(re.escape(name) + r"-(\d{6}|best)\.safetensors")

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from lora_trainer.config import TrainConfig, dump_config
 from lora_trainer.data.dataset import DatasetScan, TrainItem, epoch_batches, load_pixels, scan_dataset
-from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.errors import UserError
+from lora_trainer.fsutil import atomic_write_text, reporting_os_errors
 from lora_trainer.lora.export import save_lora
 from lora_trainer.lora.inject import inject_lora, load_lora_state_dict, lora_state_dict, remove_lora
 from lora_trainer.lora.kohya import to_kohya_state_dict
@@ -24,9 +25,13 @@ from lora_trainer.lora.metadata import training_metadata
 from lora_trainer.models.backbone import Backbone
 from lora_trainer.models.state import restore_model_state, snapshot_model_state
 from lora_trainer.train import checkpoint as ckpt
+from lora_trainer.train import preflight, runs
 from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, SampleEvent, StepEvent
+from lora_trainer.train.layout import RunLayout
 from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
 from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.preflight import StepPlan, resolve_device
+from lora_trainer.train.preview import write_preview
 from lora_trainer.train.quality import QualityReport, RunWatch, hold_out
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -43,13 +48,19 @@ class TrainResult:
     checkpoint: Path | None = None
     interrupted: bool = False
     sample_paths: list[Path] = field(default_factory=list)
+    preview_path: Path | None = None
     quality: QualityReport | None = None  # validation, best step, overfitting alarm, snapshots, grid
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+class NonFiniteLossError(UserError):
+    """The loss (or the gradients) became NaN or infinite; the update was not applied."""
+
+
+class _StoppedWhileCaching(Exception):
+    """Interrupt asked for while latents or text embeddings were being cached."""
+
+
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "resolve_device", "train"]
 
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype:
@@ -80,7 +91,6 @@ class Trainer:
         self.bus = events or EventBus()
         self.should_stop = should_stop or (lambda: False)
         self.restore_backbone = restore_backbone
-        self.output_dir = Path(cfg.output_dir)
 
     # ---- setup ------------------------------------------------------------------------------------
     def _log(self, text: str, level: str = "info") -> None:
@@ -109,20 +119,40 @@ class Trainer:
         flips = (False, True) if self.cfg.flip_aug else (False,)
         for index, item in enumerate(items):
             for flip in flips:
+                if self.should_stop():
+                    raise _StoppedWhileCaching("caching latents")
                 pixels = load_pixels(item, flip=flip).unsqueeze(0)
                 cache[(index, flip)] = self.backbone.encode_images(pixels)[0].float()
         return cache
 
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Check everything that can be checked before the model loads, then train; OSErrors become one line."""
         cfg = self.cfg
+        layout = RunLayout.of(cfg)
         device = resolve_device(cfg.device)
         dtype = resolve_precision(cfg.mixed_precision, device)
-        resume_path = ckpt.resolve_resume(cfg.resume_from, cfg.output_dir)
-        lora_file = self.output_dir / f"{cfg.output_name}.safetensors"
-        if lora_file.exists() and not cfg.overwrite:
-            raise FileExistsError(f"{lora_file} exists; set overwrite: true or choose another output_name")
+        if layout.lora_file.exists() and not cfg.overwrite:
+            raise FileExistsError(f"{layout.lora_file} exists; set overwrite: true or choose another output_name")
+        with reporting_os_errors(layout.output_dir):
+            return self._run(layout, device, dtype)
+
+    def _run(self, layout: RunLayout, device: torch.device, dtype: torch.dtype) -> TrainResult:
+        cfg = self.cfg
+        preflight.check_output_dir(layout.output_dir)
+        for path in runs.remove_stale_temporaries(layout):
+            self._log(f"removed {path.name}, left unfinished by an interrupted run")
         scan, self.held_out = hold_out(self._scan(), cfg, self._log)
+        if self.backbone is None:
+            from lora_trainer.models.loading import check_base_model
+
+            check_base_model(cfg.base_model)
+        steps = preflight.plan_steps(cfg, scan.items)
+        plan = runs.plan_run(cfg, layout, runs.RunIdentity.of(cfg, scan), steps.total,
+                             log=lambda text: self._log(text, "warning"))
+        for note in plan.notes:
+            self._log(note)
+        self._log(preflight.estimate_line(cfg, steps, len(scan.items), device))
         backbone = self._load_backbone(device, dtype)
         states_before = [(m, snapshot_model_state(m)) for m in backbone.frozen_modules()]
         roots: dict = {}
@@ -130,14 +160,18 @@ class Trainer:
             roots = backbone.lora_roots(cfg.train_text_encoder)
             for module in backbone.frozen_modules():
                 module.requires_grad_(False)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.output_dir / f"{cfg.output_name}.config.yaml", dump_config(cfg))
             latents = self._encode_latents(scan.items) if cfg.cache_latents else None
             text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
             inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         unet_targets=list(cfg.target_modules), te_targets=TE_TARGETS)
-            return self._train(scan, backbone, roots, device, dtype, resume_path, lora_file, latents,
-                               text_cache)
+            return self._train(scan, backbone, roots, device, dtype, plan, layout, steps, latents, text_cache)
+        except _StoppedWhileCaching as stopped:
+            resumed = plan.resume
+            self._log(f"interrupted while {stopped}; nothing new to save"
+                      + (f" (the run can still resume from {resumed.path})" if resumed else ""), "warning")
+            return TrainResult(resumed.progress.global_step if resumed else 0, steps.total,
+                               list(resumed.progress.losses) if resumed else [],
+                               checkpoint=resumed.path if resumed else None, interrupted=True)
         finally:
             if self.restore_backbone:
                 remove_lora(roots)
@@ -146,8 +180,20 @@ class Trainer:
                 for module, state in states_before:
                     restore_model_state(module, state)
 
+    def _resume(self, loaded: ckpt.LoadedCheckpoint, roots: dict, optimizer, scheduler) -> ckpt.Progress:
+        """Put a checkpoint's LoRA weights, optimizer, schedule and RNG back; a misfit is a CheckpointError."""
+        try:
+            load_lora_state_dict(roots, loaded.lora_state)
+            optimizer.load_state_dict(loaded.optimizer)
+            scheduler.load_state_dict(loaded.scheduler)
+            ckpt.restore_rng_state(loaded.rng)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise ckpt.CheckpointError(f"checkpoint {loaded.path} does not fit this run's LoRA layers "
+                                       f"({str(err)[:300]}); start a new run without resume_from") from None
+        return loaded.progress
+
     def _train(self, scan: DatasetScan, backbone: Backbone, roots: dict, device: torch.device,
-               dtype: torch.dtype, resume_path: Path | None, lora_file: Path, latents: dict | None,
+               dtype: torch.dtype, plan: runs.RunPlan, layout: RunLayout, steps: StepPlan, latents: dict | None,
                text_cache: dict | None) -> TrainResult:
         cfg = self.cfg
         items = scan.items
@@ -159,29 +205,24 @@ class Trainer:
         if te_params:
             groups.append({"params": te_params, "lr": cfg.resolved_text_encoder_lr()})
         all_params = unet_params + te_params
-        batches_per_epoch = len(epoch_batches(items, cfg.batch_size, seed=cfg.seed, epoch=0, repeats=cfg.repeats))
-        updates_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
-        total = cfg.max_steps or cfg.epochs * updates_per_epoch
+        batches_per_epoch, total = steps.batches_per_epoch, steps.total
         optimizer = build_optimizer(cfg, groups, device, notify=self.bus.emit)
         scheduler = build_scheduler(cfg, optimizer, total)
         progress = ckpt.Progress(started_at=time.time())
-        if resume_path is not None:
-            loaded = ckpt.load_checkpoint(resume_path)
-            load_lora_state_dict(roots, loaded.lora_state)
-            optimizer.load_state_dict(loaded.optimizer)
-            scheduler.load_state_dict(loaded.scheduler)
-            ckpt.restore_rng_state(loaded.rng)
-            progress = loaded.progress
-            self._log(f"resumed from {resume_path} at step {progress.global_step}/{total}")
+        if plan.resume is not None:
+            progress = self._resume(plan.resume, roots, optimizer, scheduler)
+            self._log(f"resumed from {plan.resume.path} at step {progress.global_step}/{total}")
         backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
         for module in roots.values():
             module.train()
         use_autocast = device.type == "cuda" and dtype != torch.float32
         scaler = torch.cuda.amp.GradScaler() if use_autocast and dtype == torch.float16 else None
-        writer = self._tensorboard()
-        result = TrainResult(progress.global_step, total, progress.losses)
+        writer = self._tensorboard(layout)
+        result = TrainResult(progress.global_step, total, progress.losses,
+                             checkpoint=plan.resume.path if plan.resume else None)
         self.watch = watch = RunWatch(
-            cfg, backbone, roots, items, self.held_out, self.bus, writer, progress, batches_per_epoch, resume_path,
+            cfg, backbone, roots, items, self.held_out, self.bus, writer, progress, batches_per_epoch,
+            plan.resume.path if plan.resume else None,
             metadata=lambda step: self._metadata(dataclasses.replace(progress, global_step=step), scan, total),
             autocast=lambda: torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext(),
             fallback_prompt=items[0].caption)
@@ -203,20 +244,25 @@ class Trainer:
                     break
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
+                micro_step = progress.micro_step
                 for _ in range(cfg.gradient_accumulation_steps):
-                    indices = batch_at(progress.micro_step)
-                    gen = step_generator(cfg.seed, progress.micro_step)
+                    indices = batch_at(micro_step)
+                    gen = step_generator(cfg.seed, micro_step)
                     autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
                     with autocast:
                         loss = self._micro_loss(indices, items, latents, text_cache, gen, device)
                     scaled = loss / cfg.gradient_accumulation_steps
                     (scaler.scale(scaled) if scaler else scaled).backward()
                     step_loss += loss.item() / cfg.gradient_accumulation_steps
-                    progress.micro_step += 1
+                    micro_step += 1
                 if scaler:
                     scaler.unscale_(optimizer)
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm) if cfg.max_grad_norm \
+                    else None
+                if not math.isfinite(step_loss) or (scaler is None and grad_norm is not None
+                                                    and not torch.isfinite(grad_norm)):
+                    raise NonFiniteLossError(self._non_finite_message(step_loss, progress.global_step + 1, total,
+                                                                      result.checkpoint))
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -224,6 +270,7 @@ class Trainer:
                     optimizer.step()
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
+                progress.micro_step = micro_step
                 progress.global_step += 1
                 progress.losses.append(step_loss)
                 now = time.perf_counter()
@@ -236,22 +283,27 @@ class Trainer:
                 if watch.after_update(progress, total):
                     break  # early stop: overfitting
                 if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and progress.global_step < total:
-                    result.checkpoint = self._save_checkpoint(progress, roots, optimizer, scheduler)
+                    result.checkpoint = self._save_checkpoint(plan, progress, roots, optimizer, scheduler)
                 if cfg.sample_every and progress.global_step % cfg.sample_every == 0 \
                         and progress.global_step < total:
-                    result.sample_paths += self._samples(progress.global_step, writer)
+                    result.sample_paths += self._samples(layout, progress.global_step, writer)
         except KeyboardInterrupt:
             result.interrupted = True
         finally:
             if writer:
                 writer.flush()
+                if not result.interrupted and progress.global_step < total and not watch.early_stopped:  # an error
+                    writer.close()
         result.steps_done = progress.global_step
         result.losses = progress.losses
         if result.interrupted:
-            if progress.global_step > 0:
-                result.checkpoint = self._save_checkpoint(progress, roots, optimizer, scheduler)
+            if progress.global_step > (plan.resume.progress.global_step if plan.resume else 0):
+                result.checkpoint = self._save_checkpoint(plan, progress, roots, optimizer, scheduler)
                 self._log(f"interrupted at step {progress.global_step}/{total}; checkpoint saved to "
                           f"{result.checkpoint} (resume with resume_from: latest)", "warning")
+            elif result.checkpoint is not None:
+                self._log(f"interrupted at step {progress.global_step}/{total}; {result.checkpoint} is kept "
+                          "(resume with resume_from: latest)", "warning")
             else:
                 self._log("interrupted before the first step; nothing to save", "warning")
             if writer:
@@ -259,12 +311,23 @@ class Trainer:
             return result
         exported = watch.before_export(progress)  # early stop: the best step's weights
         if cfg.sample_prompts:
-            result.sample_paths += self._samples(exported.global_step, writer)
-        result.lora_path = self._export(lora_file, exported, roots, scan, total)
+            result.sample_paths += self._samples(layout, exported.global_step, writer)
+        result.lora_path = self._export(layout, exported, roots, scan, total)
         result.quality = watch.finish(result.lora_path, exported.global_step, self.should_stop)
         if writer:
             writer.close()
+        atomic_write_text(layout.config_file, dump_config(cfg))  # only now: a failed run leaves the old one
+        runs.mark_finished(plan, result.lora_path)
+        if cfg.preview:
+            result.preview_path = self._preview(scan, exported.global_step)
         return result
+
+    def _non_finite_message(self, loss: float, step: int, total: int, checkpoint: Path | None) -> str:
+        kept = (f"the last good checkpoint {checkpoint} is kept" if checkpoint else
+                "no checkpoint had been written yet (save_steps is 0 or not reached)")
+        return (f"the loss became {loss} at step {step}/{total}; training stopped before applying that update and "
+                f"{kept}. Lower learning_rate (now {self.cfg.learning_rate:g}) or use mixed_precision: bf16 or no, "
+                "then start again")
 
     # ---- pieces of a step -------------------------------------------------------------------------
     def _captions(self, indices: list[int], items: list[TrainItem], gen: torch.Generator) -> list[str]:
@@ -273,8 +336,13 @@ class Trainer:
 
     def _text_cache(self, items: list[TrainItem]) -> dict[str, torch.Tensor]:
         prompts = sorted({item.caption for item in items} | {""})
+        cache: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            return {p: self.backbone.encode_prompts([p])[0].detach() for p in prompts}
+            for prompt in prompts:
+                if self.should_stop():
+                    raise _StoppedWhileCaching("caching text embeddings")
+                cache[prompt] = self.backbone.encode_prompts([prompt])[0].detach()
+        return cache
 
     def _micro_loss(self, indices: list[int], items: list[TrainItem], latents: dict | None,
                     text_cache: dict | None, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -304,26 +372,25 @@ class Trainer:
         return per_sample.mean()
 
     # ---- outputs ----------------------------------------------------------------------------------
-    def _tensorboard(self):
+    def _tensorboard(self, layout: RunLayout):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             self._log("tensorboard is not installed; no event files are written", "warning")
             return None
-        return SummaryWriter(str(self.cfg.resolved_log_dir()))
+        return SummaryWriter(str(layout.log_dir))
 
-    def _samples(self, step: int, writer) -> list[Path]:
+    def _samples(self, layout: RunLayout, step: int, writer) -> list[Path]:
         cfg = self.cfg
         with torch.random.fork_rng(devices=[]):
             images = self.backbone.sample(list(cfg.sample_prompts), seed=cfg.seed, steps=cfg.sample_steps,
                                           width=cfg.resolution, height=cfg.resolution)
         for module in self.backbone.lora_roots(cfg.train_text_encoder).values():
             module.train()
-        folder = self.output_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
+        layout.samples_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for index, image in enumerate(images):
-            path = folder / f"step-{step:06d}-{index}.png"
+            path = layout.sample_file(step, index)
             image.save(path)
             paths.append(path)
             if writer:
@@ -333,6 +400,17 @@ class Trainer:
         self.bus.emit(SampleEvent(step, paths, images))
         return paths
 
+    def _preview(self, scan: DatasetScan, step: int) -> Path | None:
+        """The LoRA's card picture; failing to render it costs the picture, not the saved LoRA."""
+        try:
+            path, image = write_preview(self.backbone, self.cfg, [item.caption for item in scan.items])
+        except Exception as err:  # noqa: BLE001 - the LoRA is saved already; say why there is no picture
+            self._log(f"no preview picture: rendering it failed ({type(err).__name__}: {err})", "warning")
+            return None
+        self._log(f"preview {path}")
+        self.bus.emit(SampleEvent(step, [path], [image]))
+        return path
+
     def _metadata(self, progress: ckpt.Progress, scan: DatasetScan, total: int) -> dict[str, str]:
         cfg = self.cfg
         return training_metadata(
@@ -341,17 +419,22 @@ class Trainer:
             started_at=progress.started_at, num_images=len(scan.items),
             buckets=sorted({item.target for item in scan.items}))
 
-    def _save_checkpoint(self, progress: ckpt.Progress, roots: dict, optimizer, scheduler) -> Path:
-        path = ckpt.save_checkpoint(self.output_dir, progress, lora_state_dict(roots), optimizer, scheduler,
+    def _save_checkpoint(self, plan: runs.RunPlan, progress: ckpt.Progress, roots: dict, optimizer,
+                         scheduler) -> Path:
+        path = ckpt.save_checkpoint(plan.run_dir, progress, lora_state_dict(roots), optimizer, scheduler,
                                     extra_files=self.watch.checkpoint_files() if self.watch else None)
         self.bus.emit(CheckpointEvent(progress.global_step, path))
         return path
 
-    def _export(self, lora_file: Path, progress: ckpt.Progress, roots: dict, scan: DatasetScan,
+    def _export(self, layout: RunLayout, progress: ckpt.Progress, roots: dict, scan: DatasetScan,
                 total: int) -> Path:
         cfg = self.cfg
         kohya = to_kohya_state_dict(roots, cfg.lora_alpha)
-        path = save_lora(lora_file, kohya, self._metadata(progress, scan, total), overwrite=cfg.overwrite)
+        broken = [key for key, value in kohya.items() if not torch.isfinite(value).all()]
+        if broken:
+            raise NonFiniteLossError(f"the trained LoRA holds NaN or infinite values ({broken[0]} ...); it was not "
+                                     "saved. Lower learning_rate and start again")
+        path = save_lora(layout.lora_file, kohya, self._metadata(progress, scan, total), overwrite=cfg.overwrite)
         self._log(f"saved {path}")
         return path
 

@@ -2,7 +2,8 @@
 
 The route logic is plain functions returning ``(status_code, body)``; :func:`register_routes` wraps them for
 FastAPI (the WebUI's ``app``). Routes added from ``on_app_started`` do not get the WebUI's ``--api-auth``, so
-they check it themselves with :func:`check_api_auth`.
+they check it themselves with :func:`check_api_auth`; every request first passes the checks of
+:mod:`lora_trainer.ui.request_guard` (own origin, JSON only, bounded body).
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.config import config_from_dict
 from lora_trainer.errors import UserError
-from lora_trainer.ui.host import Host, launch_training
+from lora_trainer.ui.host import Host, job_config, launch_training
 from lora_trainer.ui.job import JobBusyError, TrainingJob
 from lora_trainer.ui.registry import NameTakenError
+from lora_trainer.ui.request_guard import (
+    RequestRefused,
+    check_content_length,
+    check_json_content_type,
+    check_origin,
+    parse_json_body,
+    read_bounded,
+)
 
 PREFIX = "/lora-train/v1"
 Response = tuple[int, dict[str, Any]]
@@ -57,7 +65,7 @@ def start_job_route(job: TrainingJob, host: Host, payload: Any) -> Response:
     """POST /jobs: validate the JSON config and start it (202); 409 while busy or when the LoRA name is taken
     (unless ``overwrite``), 422 for a bad config."""
     try:
-        cfg = config_from_dict(payload, require=False)
+        cfg = job_config(host, payload)
         if not cfg.train_data_dir or not Path(cfg.train_data_dir).is_dir():
             raise UserError(f"train_data_dir: image folder {cfg.train_data_dir!r} does not exist")
         launch_training(host, job, cfg, background=True)
@@ -80,9 +88,14 @@ def cancel_job_route(job: TrainingJob) -> Response:
     return 409, {"error": "no training run is in progress", "job": job.snapshot()}
 
 
+TrustedOrigins = Callable[[], tuple[list[str], str | None]]
+
+
 def register_routes(app: Any, job: TrainingJob, host: Callable[[], Host],
-                    api_auth: Callable[[], str | None] = lambda: None) -> None:
-    """Add the three routes to a FastAPI ``app``; ``host()`` and ``api_auth()`` are read per request."""
+                    api_auth: Callable[[], str | None] = lambda: None,
+                    trusted_origins: TrustedOrigins = lambda: ([], None)) -> None:
+    """Add the three routes to a FastAPI ``app``; ``host()``, ``api_auth()`` and ``trusted_origins()`` (origin URLs
+    and a regex allowed besides the WebUI's own address) are read per request."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
@@ -90,8 +103,18 @@ def register_routes(app: Any, job: TrainingJob, host: Callable[[], Host],
         code, body = response
         return JSONResponse(body, status_code=code)
 
+    def refused(err: RequestRefused) -> JSONResponse:
+        return JSONResponse({"error": str(err)}, status_code=err.status)
+
     def denied(request: Request) -> JSONResponse | None:
-        if check_api_auth(request.headers.get("authorization"), api_auth()):
+        headers = request.headers
+        urls, regex = trusted_origins()
+        try:
+            check_origin(headers.get("origin"), headers.get("referer"), headers.get("host"), request.url.scheme,
+                         urls, regex)
+        except RequestRefused as err:
+            return refused(err)
+        if check_api_auth(headers.get("authorization"), api_auth()):
             return None
         return JSONResponse({"error": "authentication required"}, status_code=401,
                             headers={"WWW-Authenticate": "Basic"})
@@ -101,9 +124,11 @@ def register_routes(app: Any, job: TrainingJob, host: Callable[[], Host],
         if refusal is not None:
             return refusal
         try:
-            payload = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "the body must be a JSON object of config keys"}, status_code=400)
+            check_json_content_type(request.headers.get("content-type"))
+            check_content_length(request.headers.get("content-length"))
+            payload = parse_json_body(await read_bounded(request.stream()))
+        except RequestRefused as err:
+            return refused(err)
         return reply(start_job_route(job, host(), payload))
 
     async def current(request: Request) -> JSONResponse:

@@ -234,8 +234,8 @@ class CaptionGallery:
         shown = len(view.names)
         cards = [update(visible=i < shown) for i in range(PAGE_SIZE)]
         images = [thumbnail(folder, view.names[i]) if i < shown else None for i in range(PAGE_SIZE)]
-        texts = [update(value=view.captions[i], label=view.names[i]) if i < shown else update(value="")
-                 for i in range(PAGE_SIZE)]
+        texts = [update(value=view.captions[i], label=view.names[i] + ("" if images[i] else " (cannot be read)"))
+                 if i < shown else update(value="") for i in range(PAGE_SIZE)]
         chips = [chips_update(view.captions[i] if i < shown else "", view.all_tags, visible=view.booru and i < shown)
                  for i in range(PAGE_SIZE)]
         status = " ".join(part for part in (note, view.status) if part)

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import TrainConfig, config_from_dict
 from lora_trainer.errors import UserError
-from lora_trainer.train.snapshots import preview_path
 from lora_trainer.ui.job import TrainingJob
 from lora_trainer.ui.registry import check_name_free, register_lora
 
@@ -127,12 +126,21 @@ class StandaloneHost(BaseHost):
         return Path(self.base_model).name if self.base_model else None
 
 
+def job_config(host: Host, data: Any) -> TrainConfig:
+    """A job from the tab or the API, validated; without ``output_dir`` it writes to the host's output folder
+    (the WebUI's Settings -> LoRA Train), not to the process's working folder."""
+    if isinstance(data, dict) and not data.get("output_dir"):
+        folder = host.defaults().get("output_dir")
+        if folder:
+            data = {**data, "output_dir": str(folder)}
+    return config_from_dict(data, require=False)
+
+
 def install_result(host: Host, cfg: TrainConfig, result: Any, backbone: Any) -> str | None:
     """Copy a finished run's LoRA into the host's Lora folder (with preview and sidecar) and refresh the list."""
     if result.lora_path is None:
         return None
-    grid_picture = preview_path(result.lora_path)  # the epoch grid's picture of the final LoRA, if rendered
-    preview = result.sample_paths[-1] if result.sample_paths else (grid_picture if grid_picture.is_file() else None)
+    preview = result.preview_path or (result.sample_paths[-1] if result.sample_paths else None)
     base = f" on {Path(cfg.base_model).name}" if cfg.base_model else ""
     notes = f"Trained with lora-trainer{base}: {result.steps_done} steps, rank {cfg.lora_rank}."
     installed = register_lora(result.lora_path, host.lora_dir(), cfg.output_name, trigger_word=cfg.trigger_word,

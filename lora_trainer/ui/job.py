@@ -92,7 +92,10 @@ class TrainingJob:
         self.checkpoint: str | None = None
         self.model_version: str | None = None
         self.output_name: str | None = None
-        self.config: TrainConfig | None = None  # the settings of this run, to show on a page opened mid-run
+        self.config: TrainConfig | None = None  # the settings of this run, shown by a page opened during or after it
+        # An unfinished run found on disk that can be resumed: {"output_name", "step", "total_steps", "checkpoint"}.
+        # Nothing sets it yet; whoever finds such a run sets it (with ``config``) and the tab shows it.
+        self.resumable: dict[str, Any] | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.quality = QualityState()  # validation, alarm, snapshots and grid, for the tab
@@ -171,6 +174,7 @@ class TrainingJob:
                 "checkpoint": self.checkpoint,
                 "model_version": self.model_version,
                 "output_name": self.output_name,
+                "resumable": dict(self.resumable) if self.resumable else None,
                 "trigger_word": self.config.trigger_word if self.config else "",
                 **self.quality.snapshot(),
             }

@@ -19,9 +19,10 @@ from PIL import Image
 from lora_trainer.config import FIELDS, ConfigError, TrainConfig, config_from_dict, dump_config
 from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text
+from lora_trainer.safe_yaml import read_yaml_mapping
 from lora_trainer.ui import guide, picker
-from lora_trainer.ui.gallery import CaptionGallery, read_captions
-from lora_trainer.ui.host import Host, launch_training
+from lora_trainer.ui.gallery import CaptionGallery
+from lora_trainer.ui.host import Host, job_config, launch_training
 from lora_trainer.ui.job import JobBusyError, TrainingJob, current_job
 from lora_trainer.ui.plot import PLOT_SIZE, render_loss_plot  # noqa: F401 - PLOT_SIZE: the plot's size, as before
 
@@ -211,17 +212,35 @@ def make_ui_captioner(host: Host, choice: str, model_path: str) -> Any:
     raise UserError(f"unknown captioner {choice!r}; choose one of: {', '.join(captioner_choices(host))}")
 
 
+def unreadable_note(folder: Path, broken: list[tuple[Path, str]], shown: int = 10) -> str:
+    """``", 3 unreadable: a.png (empty file (0 bytes)), ..."``; nothing when every image reads."""
+    if not broken:
+        return ""
+    names = [f"{p.relative_to(folder).as_posix()} ({reason})" for p, reason in broken[:shown]]
+    more = f" and {len(broken) - shown} more" if len(broken) > shown else ""
+    return f", {len(broken)} unreadable: {', '.join(names)}{more}"
+
+
 def load_caption_rows(folder: str) -> tuple[list[list[str]], str]:
-    """Every image under ``folder`` with its caption (metadata.csv, else .txt), and a count line."""
+    """Every usable image under ``folder`` with its caption (metadata.csv, else .txt), for the editable table.
+
+    Files that do not decode are left out of the table and named in the status line with the reason.
+    """
+    from lora_trainer.data.captions import load_captions
+    from lora_trainer.data.images import list_image_files, split_readable
+
+    path = Path((folder or "").strip())
+    if not str(folder or "").strip() or not path.is_dir():
+        return [], f"Image folder {str(folder or '')!r} does not exist."
     try:
-        names, captions = read_captions(folder)
-    except UserError as err:
-        return [], str(err)
-    except (OSError, ValueError) as err:
+        captions = load_captions(path)
+    except (UserError, OSError, ValueError) as err:
         return [], f"Cannot read captions: {err}"
+    readable, broken = split_readable(list_image_files(path))
+    names = [p.relative_to(path).as_posix() for p in readable]
     rows = [[name, captions.get(name, "")] for name in names]
     missing = sum(1 for _, caption in rows if not caption.strip())
-    return rows, f"{len(rows)} image(s), {missing} without a caption."
+    return rows, f"{len(rows)} image(s){unreadable_note(path, broken)}; {missing} without a caption."
 
 
 def as_frame(rows: list[list[Any]], headers: list[str]) -> Any:
@@ -273,17 +292,19 @@ def load_yaml_ui(file: Any, *values: Any) -> list[Any]:
     if path is None:
         return [*values, "Choose a YAML file first."]
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml_mapping(path)  # bounded size, UTF-8, no alias bombs: as the CLI reads it
         cfg = config_from_dict(data, require=False)
     except (OSError, yaml.YAMLError, UserError) as err:
         return [*values, f"Cannot load {path.name}: {err}"]
     return [*config_to_values(cfg), f"Loaded {path.name}."]
 
 
-def save_yaml_ui(*values: Any) -> tuple[str | None, str]:
-    """Write the settings as YAML to ``<output_dir>/<output_name>.train.yaml``; returns (file to offer, status)."""
+def save_yaml_ui(*values: Any, host: Host | None = None) -> tuple[str | None, str]:
+    """Write the settings as YAML to ``<output_dir>/<output_name>.train.yaml``; returns (file to offer, status).
+
+    An empty output folder is the ``host``'s (the WebUI's Settings)."""
     try:
-        cfg = values_to_config(values)
+        cfg = job_config(host, values_to_dict(values)) if host is not None else values_to_config(values)
     except UserError as err:
         return None, f"Not saved: {err}"
     text = dump_config(cfg)
@@ -355,6 +376,11 @@ def status_html(snap: dict[str, Any], note: str = "") -> str:
         parts.append(f"<div>Installed: {esc(snap['lora_file'])}</div>")
     elif snap.get("result_path"):
         parts.append(f"<div>Saved: {esc(snap['result_path'])}</div>")
+    resumable = snap.get("resumable")
+    if resumable:
+        parts.append(f'<div class="lora_train_resumable">Resumable: {esc(str(resumable.get("output_name")))} stopped '
+                     f'at step {esc(str(resumable.get("step")))}/{esc(str(resumable.get("total_steps")))} '
+                     f'(checkpoint {esc(str(resumable.get("checkpoint")))})</div>')
     if snap.get("checkpoint") and status != "done":
         parts.append(f"<div>Checkpoint: {esc(snap['checkpoint'])} (resume_from: latest)</div>")
     if note:
@@ -397,16 +423,20 @@ def poll_guided_ui(host: Host, job: TrainingJob, folder: str, picked: str | None
             prompt is not None, note, grid, choices, choice)
 
 
-def running_form_ui(job: TrainingJob, *values: Any) -> list[Any]:
-    """The running job's settings, for a page opened mid-run (its form would show the defaults); else ``values``."""
+def job_form_ui(job: TrainingJob, *values: Any) -> list[Any]:
+    """The settings of the job that runs or ran last (finished, interrupted or failed), else ``values``.
+
+    A freshly opened page (a reload, a second browser tab) asks once, so its form matches the status below it
+    instead of showing the defaults; a page already open keeps what the user typed.
+    """
     cfg = job.config
-    return config_to_values(cfg) if job.running and cfg is not None else list(values)
+    return config_to_values(cfg) if cfg is not None else list(values)
 
 
 def start_training_ui(host: Host, job: TrainingJob, *values: Any) -> str:
     """Validate the settings and start the job in the background; returns the status HTML."""
     try:
-        cfg = values_to_config(values)
+        cfg = job_config(host, values_to_dict(values))
         if not cfg.train_data_dir or not Path(cfg.train_data_dir).is_dir():
             raise ConfigError(f"train_data_dir: image folder {cfg.train_data_dir!r} does not exist")
         launch_training(host, job, cfg, background=True)
@@ -530,8 +560,8 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                     start_button = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
                     stop_button = gr.Button("Interrupt", elem_id="lora_train_interrupt")
                     refresh = gr.Button("Refresh", visible=False, elem_id="lora_train_refresh")
-                    show_running = gr.Button("Show the running job's settings", visible=False,
-                                             elem_id="lora_train_show_running")
+                    show_job = gr.Button("Show the last job's settings", visible=False,
+                                         elem_id="lora_train_show_job")
                 status = gr.HTML(status_html(job.snapshot()), elem_id="lora_train_status")
                 with gr.Row(visible=False, equal_height=True, elem_id="lora_train_try_it") as try_row:
                     try_prompt = gr.Textbox(label="Your LoRA is ready: use it in a prompt", interactive=False,
@@ -578,7 +608,7 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         yaml_in.upload(with_message_html(load_yaml_ui, -1), inputs=[yaml_in, *inputs],
                        outputs=[*inputs, settings_status])
         def save_and_offer(*values: Any) -> tuple[Any, str]:
-            file, note = save_yaml_ui(*values)
+            file, note = save_yaml_ui(*values, host=host)
             return gr.update(value=file, visible=file is not None), note
 
         save_yaml.click(with_message_html(save_and_offer, 1), inputs=inputs, outputs=[yaml_out, settings_status])
@@ -595,7 +625,7 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         poll_outputs = [status, plot, samples, *guide_outputs, validation, try_prompt, try_row, picker_note, grid,
                         choice]
         refresh.click(poll, inputs=[folder, choice], outputs=poll_outputs, show_progress="hidden")
-        show_running.click(functools.partial(running_form_ui, job), inputs=inputs, outputs=inputs,
+        show_job.click(functools.partial(job_form_ui, job), inputs=inputs, outputs=inputs,
                            show_progress="hidden")
         def install_chosen(label: str | None) -> str:
             return message_html(picker.install_snapshot_ui(host, job, label))

@@ -118,6 +118,25 @@ def webui_sampler(prompts: list[str], *, seed: int, steps: int, width: int, heig
     return images
 
 
+def trusted_origins(cmd_opts: Any, demo: Any) -> tuple[list[str], str | None]:
+    """Origins the API answers besides the WebUI's own address: the ``--share`` link and what
+    ``--cors-allow-origins`` (comma-separated) and ``--cors-allow-origins-regex`` allow."""
+    urls = [url.strip() for url in (getattr(cmd_opts, "cors_allow_origins", None) or "").split(",") if url.strip()]
+    share_url = getattr(demo, "share_url", None)
+    if share_url:
+        urls.append(str(share_url))
+    return urls, getattr(cmd_opts, "cors_allow_origins_regex", None) or None
+
+
+def default_output_dir() -> str:
+    """``<WebUI data dir>/outputs/lora_train`` (beside txt2img's outputs; per ``--data-dir``)."""
+    try:
+        from modules.paths_internal import default_output_dir as webui_outputs
+    except ImportError:
+        webui_outputs = "outputs"
+    return str(Path(webui_outputs) / "lora_train")
+
+
 def is_forge() -> bool:
     """True inside Stable Diffusion WebUI Forge (its ``sd_models.forge_model_reload``)."""
     try:
@@ -140,7 +159,7 @@ class WebUIHost:
 
         opts = shared.opts
         return {
-            "output_dir": getattr(opts, "lora_train_output_dir", "") or str(Path("outputs") / "lora_train"),
+            "output_dir": getattr(opts, "lora_train_output_dir", "") or default_output_dir(),
             "sample_every": int(getattr(opts, "lora_train_sample_every", 50) or 0),
             "preset": getattr(opts, "lora_train_default_preset", "") or "",
         }

@@ -42,3 +42,34 @@ def test_folder_without_config_is_missing(tmp_path: Path) -> None:
 
 def test_clean_caption() -> None:
     assert clean_caption("arafed man  riding\na horse ") == "man riding a horse"
+
+
+def test_a_missing_model_is_reported_before_transformers_is_imported(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None; sys.modules['torch'] = None\n"
+            "from lora_trainer.caption.base import CaptionModelMissing\n"
+            "from lora_trainer.caption.blip import BlipCaptioner\n"
+            "for model in (sys.argv[1], 'base'):\n"
+            "    try:\n        BlipCaptioner(model, cache_dir=sys.argv[2])\n"
+            "    except CaptionModelMissing as err:\n        print('missing:', err)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nope"), str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("missing:") == 2 and "models--Salesforce--blip-image-captioning-base" in done.stdout
+
+
+def test_garbage_config_or_weights_name_the_file(tmp_path: Path, blip_dir: Path) -> None:
+    import shutil
+
+    from lora_trainer.caption.base import CaptionModelBroken
+
+    broken = shutil.copytree(blip_dir, tmp_path / "blip")
+    (broken / "config.json").write_text("{this is not json", encoding="utf-8")
+    with pytest.raises(CaptionModelBroken, match=r"BLIP model file .*config\.json cannot be read \(not a JSON config"):
+        BlipCaptioner(broken, device="cpu")
+    shutil.copy(blip_dir / "config.json", broken / "config.json")
+    (broken / "model.safetensors").write_bytes(b"\xff" * 100)
+    with pytest.raises(CaptionModelBroken, match=r"BLIP model file .*model\.safetensors cannot be read"):
+        BlipCaptioner(broken, device="cpu")

@@ -162,3 +162,24 @@ def test_cli_blip_end_to_end(tmp_path: Path, blip_dir: Path) -> None:
     assert main(argv) == 0
     caption = read_metadata_csv(folder / "metadata.csv")["a.png"]
     assert caption == "sks, dog dog dog dog"
+
+
+def test_interrupt_stops_captioning_between_batches_and_keeps_what_is_done(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path / "d", {f"{i}.png": RED for i in range(6)})
+    fake = FakeCaptioner(default="a red square")
+    report = caption_folder(folder, fake, batch_size=2, should_stop=lambda: len(fake.batches) >= 2)
+    assert report.interrupted and fake.batches == [2, 2] and len(report.written) == 4
+    assert "interrupted after 4 of 6 image(s)" in report.summary()
+    assert len(read_metadata_csv(folder / "metadata.csv")) == 4
+
+
+def test_cp1252_metadata_csv_is_one_line_on_the_cli(tmp_path: Path, tagger_dir: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
+    from lora_trainer.cli import main
+
+    folder = make_folder(tmp_path / "d", {"a.png": RED})
+    (folder / "metadata.csv").write_bytes("filename,prompt\na.png,café\n".encode("cp1252"))
+    assert main(["caption", "--input", str(folder), "--captioner", "tagger", "--model", str(tagger_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metadata.csv is not UTF-8 text" in err

@@ -97,3 +97,23 @@ def test_prepare_image_pads_on_white_and_flips_to_bgr() -> None:
     assert array[4, 4].tolist() == [0.0, 0.0, 255.0]  # red in BGR order
     transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert prepare_image(transparent, 4).min() == 255.0
+
+
+def test_garbage_onnx_model_names_the_file(tmp_path: Path, tagger_dir: Path) -> None:
+    import shutil
+
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
+    from lora_trainer.caption.base import CaptionModelBroken
+    from lora_trainer.caption.tagger import WD14Tagger
+
+    broken = shutil.copytree(tagger_dir, tmp_path / "tagger")
+    (broken / "model.onnx").write_bytes(b"definitely not a protobuf" * 10)
+    with pytest.raises(CaptionModelBroken, match=r"tagger model file .*model\.onnx cannot be read \(not a valid ONNX"):
+        WD14Tagger(broken, device="cpu")
+
+
+def test_non_utf8_tags_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "selected_tags.csv"
+    path.write_bytes("tag_id,name,category,count\n1,café,0,1\n".encode("cp1252"))
+    with pytest.raises(Exception, match=r"selected_tags\.csv is not UTF-8 text \(byte 0xe9 on line 2"):
+        read_selected_tags(path)

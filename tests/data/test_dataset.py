@@ -146,3 +146,24 @@ def test_epoch_batches_bad_arguments():
         epoch_batches(items_with_targets([(8, 8)]), 0, seed=0, epoch=0)
     with pytest.raises(ValueError, match="repeats"):
         epoch_batches(items_with_targets([(8, 8)]), 1, seed=0, epoch=0, repeats=0)
+
+
+def test_metadata_rows_naming_missing_files_are_reported_with_their_lines(tmp_path, kit):
+    kit.save(kit.noise(), tmp_path / "x.png")
+    kit.save(kit.noise(seed=2), tmp_path / "y.png")
+    (tmp_path / "metadata.csv").write_text("filename,prompt\nx.png,an x\ngone.png,a gone file\ny.png,a y\n"
+                                           "sub/lost.jpg,lost\n", encoding="utf-8")
+    scan = scan_dataset(tmp_path, resolution=64)
+    assert [(row.line, row.filename) for row in scan.unmatched] == [(3, "gone.png"), (5, "sub/lost.jpg")]
+    [line] = scan.warnings()
+    assert line == (f"{tmp_path / 'metadata.csv'} names 2 file(s) that are not images in the folder (their captions "
+                    "are unused): line 3 'gone.png', line 5 'sub/lost.jpg'")
+    assert [item.caption for item in scan.items] == ["an x", "a y"]
+
+
+def test_an_unclosed_quote_stops_the_scan_with_its_line(tmp_path, kit):
+    for name in ("a.png", "b.png", "c.png"):
+        kit.save(kit.noise(), tmp_path / name)
+    (tmp_path / "metadata.csv").write_text('filename,prompt\na.png,"one\nb.png,two\nc.png,three\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"metadata.csv, line 2: a quote opened here is never closed"):
+        scan_dataset(tmp_path, resolution=64)

@@ -15,6 +15,7 @@ from lora_trainer.data.images import (
     center_crop_resize,
     list_image_files,
     load_image,
+    split_readable,
     to_tensor,
 )
 
@@ -169,3 +170,12 @@ def test_permission_error_maps_to_reason_even_as_root(tmp_path, kit, monkeypatch
 
     monkeypatch.setattr(Image, "open", refuse)
     assert reason_of(path) == "permission denied"
+
+
+def test_split_readable_separates_broken_files(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (16, 16), "blue").save(good)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    readable, broken = split_readable([good, empty])
+    assert readable == [good] and broken == [(empty, "empty file (0 bytes)")]

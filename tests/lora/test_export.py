@@ -50,15 +50,17 @@ def test_existing_file_is_never_overwritten_unless_asked(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import safetensors.torch
+    import errno
+    from pathlib import Path
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
-        raise OSError("disk full")
+    real = Path.write_bytes
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    def broken(self, data):
+        real(self, data[:7])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", broken)
+    with pytest.raises(OSError, match=r"cannot write .*a\.safetensors: the disk is full"):
         save_lora(tmp_path / "a.safetensors", sample_state(), {})
     assert os.listdir(tmp_path) == []
 

@@ -142,7 +142,7 @@ def make_config(data, out, **overrides):
 
     settings = {"train_data_dir": str(data), "base_model": "webui", "output_dir": str(out), "resolution": 64,
                 "batch_size": 2, "max_steps": 2, "lora_rank": 4, "lora_alpha": 2, "learning_rate": 1e-2,
-                "device": "cpu", "seed": 3}
+                "device": "cpu", "seed": 3, "sample_steps": 2}  # 2: the end-of-run preview stays cheap
     settings.update(overrides)
     return config_from_dict(settings)
 

@@ -305,6 +305,7 @@ def test_tokenizer_unavailable_propagates(tiny_checkpoint: Path, tmp_path: Path,
 
     monkeypatch.setattr(tokenizer, "default_cache_dir", lambda: tmp_path / "empty-cache")
     monkeypatch.setattr(tokenizer, "find_open_clip_vocab", no_vocab)
+    monkeypatch.setattr(tokenizer, "find_hub_clip_tokenizer", lambda: None)
     bare = _copy_checkpoint(tiny_checkpoint, tmp_path / "bare", "bare", with_yaml=False)
     with pytest.raises(tokenizer.TokenizerUnavailable, match="no CLIP tokenizer is available offline"):
         load_backbone(bare)

@@ -65,5 +65,5 @@ def test_a_folder_without_the_training_state_is_refused_clearly(tmp_path):
     folder.mkdir()
     (folder / "progress.json").write_text('{"global_step": 2}')
     (folder / "training_state.pt").write_bytes(b"old pickle")
-    with pytest.raises(FileNotFoundError, match="training_state.json"):
+    with pytest.raises(ckpt.CheckpointError, match="training_state.json"):
         ckpt.load_checkpoint(folder)

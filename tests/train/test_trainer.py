@@ -20,6 +20,7 @@ def make_config(data: Path, out: Path, **overrides):
         "train_data_dir": str(data), "base_model": "unused-backbone-given", "output_dir": str(out),
         "output_name": "test_lora", "resolution": 64, "batch_size": 4, "learning_rate": 2e-3,
         "lora_rank": 4, "lora_alpha": 4, "max_steps": 6, "seed": 7, "device": "cpu",
+        "sample_steps": 2,  # the end-of-run preview stays cheap
     }
     settings.update(overrides)
     return config_from_dict(settings)
@@ -92,8 +93,10 @@ def test_run_writes_kohya_lora_config_and_checkpoints(make_tiny_backbone, shapes
     assert metadata["ss_network_dim"] == "4" and metadata["ss_output_name"] == "test_lora"
     assert (out / "test_lora.config.yaml").is_file()
     assert [e.step for e in events if isinstance(e, CheckpointEvent)] == [2]
-    assert (out / "checkpoints" / "step-000002" / "lora_state.safetensors").is_file()
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002-0.png", "step-000004-0.png"]
+    [run_dir] = list((out / "checkpoints").iterdir())
+    assert run_dir.name.startswith("test_lora-") and (run_dir / "step-000002" / "lora_state.safetensors").is_file()
+    assert sorted(p.name for p in (out / "samples" / "test_lora").iterdir()) == ["step-000002-0.png",
+                                                                                 "step-000004-0.png"]
     assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 

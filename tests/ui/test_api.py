@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import importlib.util
+import json
 
 import pytest
 
@@ -118,6 +120,126 @@ def test_registered_routes_enforce_auth(tmp_path):
     assert client.get("/lora-train/v1/jobs/current", headers=ok).json()["status"] == "idle"
     response = client.post("/lora-train/v1/jobs", json={"train_data_dir": str(tmp_path)}, headers=ok)
     assert response.status_code == 202 and len(job.started) == 1
-    assert client.post("/lora-train/v1/jobs", content=b"{", headers=ok).status_code == 400
+    bad_json = client.post("/lora-train/v1/jobs", content=b"{", headers={**ok, "Content-Type": "application/json"})
+    assert bad_json.status_code == 400
     assert client.post("/lora-train/v1/jobs/current/cancel", headers=ok).status_code == 409
     assert client.post("/lora-train/v1/jobs/current/cancel").status_code == 401
+
+
+# ---- the routes as a browser or an attacker reaches them -------------------------------------------------------------
+needs_fastapi = pytest.mark.skipif(
+    importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("httpx") is None,
+    reason="fastapi/httpx are not installed")
+JOBS = "/lora-train/v1/jobs"
+
+
+def make_client(tmp_path, job=None, **kwargs):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    api.register_routes(app, job if job is not None else FakeJob(), lambda: BaseHost(tmp_path), **kwargs)
+    return TestClient(app)
+
+
+@needs_fastapi
+def test_a_text_plain_post_is_refused_before_any_work(tmp_path):
+    job = FakeJob()
+    client = make_client(tmp_path, job)
+    body = json.dumps({"train_data_dir": str(tmp_path)})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        response = client.post(JOBS, content=body, headers={"Content-Type": content_type})
+        assert response.status_code == 415 and "application/json" in response.json()["error"]
+    assert not job.started
+    response = client.post(JOBS, content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert response.status_code == 202 and len(job.started) == 1
+
+
+@needs_fastapi
+def test_a_foreign_origin_is_refused_on_every_route(tmp_path):
+    job = FakeJob(running=True)
+    client = make_client(tmp_path, job)
+    payload = {"train_data_dir": str(tmp_path)}
+    for headers in ({"Origin": "http://evil.example"}, {"Referer": "http://evil.example/attack.html"},
+                    {"Origin": "null"}):
+        assert client.post(JOBS, json=payload, headers=headers).status_code == 403
+        assert client.get(f"{JOBS}/current", headers=headers).status_code == 403
+        assert client.post(f"{JOBS}/current/cancel", headers=headers).status_code == 403
+    assert not job.started and job.cancelled == 0
+    own = {"Origin": "http://testserver", "Referer": "http://testserver/"}  # the TestClient's Host
+    assert client.post(f"{JOBS}/current/cancel", headers=own).status_code == 200
+    assert client.post(JOBS, json=payload, headers=own).status_code == 202
+    assert client.post(JOBS, json=payload).status_code == 202  # no Origin, no Referer: a script
+
+
+@needs_fastapi
+def test_the_share_link_and_cors_origins_are_trusted(tmp_path):
+    job = FakeJob()
+    client = make_client(tmp_path, job, trusted_origins=lambda: (["https://abc.gradio.live"], r"https://.*\.lan"))
+    payload = {"train_data_dir": str(tmp_path)}
+    assert client.post(JOBS, json=payload, headers={"Origin": "https://abc.gradio.live"}).status_code == 202
+    assert client.post(JOBS, json=payload, headers={"Origin": "https://box.lan"}).status_code == 202
+    assert client.post(JOBS, json=payload, headers={"Origin": "https://xyz.gradio.live"}).status_code == 403
+    assert len(job.started) == 2
+
+
+@needs_fastapi
+def test_auth_is_still_required_from_the_own_origin(tmp_path):
+    client = make_client(tmp_path, api_auth=lambda: "u:p")
+    own = {"Origin": "http://testserver"}
+    assert client.get(f"{JOBS}/current", headers=own).status_code == 401
+    assert client.get(f"{JOBS}/current", headers={**own, "Authorization": basic("u", "p")}).status_code == 200
+
+
+@needs_fastapi
+def test_oversized_and_deeply_nested_bodies_are_refused(tmp_path):
+    job = FakeJob()
+    client = make_client(tmp_path, job)
+    huge = json.dumps({"train_data_dir": str(tmp_path), "trigger_word": "x" * (5 << 20)})
+    response = client.post(JOBS, content=huge, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and "KiB" in response.json()["error"]
+    deep = '{"sample_prompts": ' + "[" * 10_000 + "]" * 10_000 + "}"  # 20 KB: under the size limit
+    response = client.post(JOBS, content=deep, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "nests deeper" in response.json()["error"]
+    assert not job.started
+
+
+@needs_fastapi
+def test_a_chunked_body_is_read_only_up_to_the_limit(tmp_path):
+    """Without Content-Length the body arrives in chunks: reading stops once the limit is passed."""
+    from fastapi import FastAPI
+
+    from lora_trainer.ui.request_guard import MAX_BODY_BYTES
+
+    app = FastAPI()
+    job = FakeJob()
+    api.register_routes(app, job, lambda: BaseHost(tmp_path))
+    chunk, pulled, sent = b" " * 4096, [], []
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": JOBS, "raw_path": JOBS.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+
+    async def receive():
+        pulled.append(len(chunk))
+        return {"type": "http.request", "body": chunk, "more_body": len(pulled) < 10_000}  # 40 MB on offer
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413 and not job.started
+    assert sum(pulled) <= MAX_BODY_BYTES + 2 * len(chunk)
+
+
+def test_a_job_without_output_dir_writes_to_the_settings_folder(tmp_path):
+    """Not to the WebUI's working folder: the host's output folder (Settings -> LoRA Train) is the default."""
+    settings_folder = tmp_path / "settings-out"
+    host = BaseHost(tmp_path / "Lora", {"output_dir": str(settings_folder)})
+    job = FakeJob()
+    assert api.start_job_route(job, host, {"train_data_dir": str(tmp_path)})[0] == 202
+    assert api.start_job_route(FakeJob(), host, {"train_data_dir": str(tmp_path), "output_dir": ""})[0] == 202
+    assert job.started[0][0].output_dir == str(settings_folder)
+    chosen = FakeJob()
+    api.start_job_route(chosen, host, {"train_data_dir": str(tmp_path), "output_dir": str(tmp_path / "mine")})
+    assert chosen.started[0][0].output_dir == str(tmp_path / "mine")

@@ -16,7 +16,7 @@ from lora_trainer.ui.job import JobBusyError, TrainingJob, downsample, oom_messa
 def make_config(data: Path, out: Path, **overrides):
     settings = {"train_data_dir": str(data), "base_model": "unused", "output_dir": str(out),
                 "output_name": "job_lora", "resolution": 64, "batch_size": 4, "max_steps": 2, "lora_rank": 4,
-                "lora_alpha": 4, "device": "cpu"}
+                "lora_alpha": 4, "device": "cpu", "sample_steps": 2}  # 2: the end-of-run preview stays cheap
     settings.update(overrides)
     return config_from_dict(settings)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_trainer.ui import webui_host as real_webui_host
 from lora_trainer.ui.host import BaseHost
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "lora_train.py"
@@ -42,11 +43,14 @@ def webui(monkeypatch, tmp_path):
     shared = types.ModuleType("modules.shared")
     shared.OptionInfo = OptionInfo
     shared.opts = types.SimpleNamespace(add_option=lambda key, info: options.__setitem__(key, info))
-    shared.cmd_opts = types.SimpleNamespace(api_auth="u:p")
+    shared.cmd_opts = types.SimpleNamespace(api_auth="u:p", cors_allow_origins="http://tool.example:3000",
+                                            cors_allow_origins_regex=None)
     modules = types.ModuleType("modules")
     modules.script_callbacks, modules.shared = script_callbacks, shared
     host_module = types.ModuleType("lora_trainer.ui.webui_host")
     host_module.WebUIHost = lambda: BaseHost(tmp_path / "Lora")
+    host_module.trusted_origins = real_webui_host.trusted_origins
+    host_module.default_output_dir = lambda: str(tmp_path / "data" / "outputs" / "lora_train")
     for name, module in (("modules", modules), ("modules.script_callbacks", script_callbacks),
                          ("modules.shared", shared), ("lora_trainer.ui.webui_host", host_module)):
         monkeypatch.setitem(sys.modules, name, module)
@@ -108,3 +112,23 @@ def test_app_started_adds_authenticated_routes(webui):
     assert client.get("/lora-train/v1/jobs/current").status_code == 401
     response = client.get("/lora-train/v1/jobs/current", auth=("u", "p"))
     assert response.status_code == 200 and response.json()["status"] in ("idle", "done", "interrupted", "failed")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("httpx") is None,
+                    reason="fastapi/httpx are not installed")
+def test_routes_answer_the_share_link_and_cors_origins_only(webui):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    webui.callbacks["on_app_started"][0](types.SimpleNamespace(share_url="https://abc.gradio.live"), app)
+    client = TestClient(app)
+    current = "/lora-train/v1/jobs/current"
+    for origin in ("https://abc.gradio.live", "http://tool.example:3000", "http://testserver"):
+        assert client.get(current, auth=("u", "p"), headers={"Origin": origin}).status_code == 200
+    assert client.get(current, auth=("u", "p"), headers={"Origin": "https://evil.example"}).status_code == 403
+
+
+def test_the_output_folder_setting_defaults_to_the_data_dir(webui, tmp_path):
+    webui.callbacks["on_ui_settings"][0]()
+    assert webui.options["lora_train_output_dir"].default == str(tmp_path / "data" / "outputs" / "lora_train")

@@ -125,9 +125,21 @@ def test_yaml_load_errors_keep_the_values(tmp_path):
 
 def test_caption_rows(shapes_dataset):
     rows, status = tab.load_caption_rows(str(shapes_dataset))
-    assert len(rows) == 8 and "8 image(s)" in status and all(caption for _, caption in rows)
+    assert len(rows) == 8 and status == "8 image(s); 0 without a caption." and all(caption for _, caption in rows)
     assert rows[0] == ["000_red_circle.png", read_metadata_csv(shapes_dataset / "metadata.csv")["000_red_circle.png"]]
     assert "does not exist" in tab.load_caption_rows(str(shapes_dataset / "nope"))[1]
+
+
+def test_caption_table_counts_only_usable_images(shapes_dataset):
+    """Broken files are not images: they leave the count and the table and are named with the reason."""
+    (shapes_dataset / "a.png").write_bytes(b"")
+    (shapes_dataset / "b.jpg").write_bytes(b"not an image at all")
+    first = sorted(shapes_dataset.glob("*.png"))[1].read_bytes()
+    (shapes_dataset / "c.png").write_bytes(first[: len(first) // 2])
+    rows, status = tab.load_caption_rows(str(shapes_dataset))
+    assert len(rows) == 8 and not {"a.png", "b.jpg", "c.png"} & {name for name, _ in rows}
+    assert status.startswith("8 image(s), 3 unreadable: a.png (empty file (0 bytes)), b.jpg (not an image"), status
+    assert "c.png (truncated or corrupt image data)" in status and status.endswith("; 0 without a caption.")
 
 
 def test_caption_with_a_host_captioner(tmp_path):
@@ -177,6 +189,10 @@ def test_loss_plot_and_status_html():
     assert plot.mode == "RGBA" and pixels[5, tab.PLOT_SIZE[0] // 2, 3] == 0  # transparent: fits either theme
     html = tab.status_html({"status": "failed", "error": "<bad> & wrong", "progress": 0.5}, note="n")
     assert 'data-status="failed"' in html and "&lt;bad&gt; &amp; wrong" in html
+    resumable = {"output_name": "<mine>", "step": 30, "total_steps": 40, "checkpoint": "/out/step-000030"}
+    html = tab.status_html({**TrainingJob().snapshot(), "resumable": resumable})
+    assert "Resumable: &lt;mine&gt; stopped at step 30/40 (checkpoint /out/step-000030)" in html
+    assert "Resumable" not in tab.status_html(TrainingJob().snapshot())
 
 
 def test_start_poll_and_install(make_tiny_backbone, shapes_dataset, tmp_path):
@@ -190,7 +206,8 @@ def test_start_poll_and_install(make_tiny_backbone, shapes_dataset, tmp_path):
     assert job.wait(120)
     status, plot, samples = tab.poll_ui(job)
     assert 'data-status="done"' in status, status
-    assert plot.size == tab.PLOT_SIZE and len(samples) == 1 and isinstance(samples[0][0], Image.Image)
+    assert plot.size == tab.PLOT_SIZE and isinstance(samples[0][0], Image.Image)
+    assert [name for _, name in samples] == ["tab lora.preview.png", "step-000002-0.png"]  # newest first
     installed = tmp_path / "Lora" / "tab lora.safetensors"
     assert installed.is_file() and (tmp_path / "Lora" / "tab lora.preview.png").is_file()
     meta = json.loads((tmp_path / "Lora" / "tab lora.json").read_text())
@@ -202,23 +219,60 @@ def test_start_poll_and_install(make_tiny_backbone, shapes_dataset, tmp_path):
     assert "Nothing is running" in tab.interrupt_ui(job)
 
 
+def test_a_preview_is_installed_without_sample_prompts(make_tiny_backbone, shapes_dataset, tmp_path):
+    """The Lora card always has a picture: the run's preview, rendered by the host's sampler."""
+    host = FakeHost(tmp_path / "Lora", make_tiny_backbone)
+    job = TrainingJob()
+    values = ui_values(train_data_dir=str(shapes_dataset), output_dir=str(tmp_path / "out"), output_name="card",
+                       trigger_word="zkx", resolution=64, batch_size=4, max_steps=1, lora_rank=2, device="cpu",
+                       sample_steps=2)
+    assert "Started." in tab.start_training_ui(host, job, *values)
+    assert job.wait(120) and job.snapshot()["status"] == "done", job.snapshot()
+    installed = tmp_path / "Lora" / "card.preview.png"
+    assert (tmp_path / "Lora" / "card.safetensors").is_file() and installed.is_file()
+    with Image.open(installed) as image, Image.open(tmp_path / "out" / "card.preview.png") as rendered:
+        assert image.size == (64, 64) and np.array_equal(np.asarray(image), np.asarray(rendered))
+
+
 def test_a_page_opened_mid_run_shows_the_running_settings(make_tiny_backbone, shapes_dataset, tmp_path):
     gate = threading.Event()
     host = FakeHost(tmp_path / "Lora", lambda: gate.wait(60) and make_tiny_backbone())
     job = TrainingJob()
     running = ui_values(train_data_dir=str(shapes_dataset), output_dir=str(tmp_path / "out"), output_name="mid run",
-                        resolution=64, batch_size=4, max_steps=1, lora_rank=4, device="cpu")
+                        resolution=64, batch_size=4, max_steps=1, lora_rank=4, device="cpu", sample_steps=2)
     defaults = ui_values()
-    assert tab.running_form_ui(job, *defaults) == defaults  # nothing running: the form stays as it is
+    assert tab.job_form_ui(job, *defaults) == defaults  # no job yet: the form stays as it is
     assert "Started." in tab.start_training_ui(host, job, *running)
     try:
-        shown = tab.running_form_ui(job, *defaults)
+        shown = tab.job_form_ui(job, *defaults)
         assert shown[tab.CONFIG_KEYS.index("output_name")] == "mid run"
         assert shown[tab.CONFIG_KEYS.index("lora_rank")] == running[tab.CONFIG_KEYS.index("lora_rank")]
         assert tab.values_to_config(shown).max_steps == 1
     finally:
         gate.set()
-    assert job.wait(120) and tab.running_form_ui(job, *defaults) == defaults
+    assert job.wait(120) and job.snapshot()["status"] == "done"
+
+
+@pytest.mark.parametrize("ending", ["done", "interrupted", "failed"])
+def test_a_page_reloaded_after_a_run_shows_its_settings(make_tiny_backbone, shapes_dataset, tmp_path, ending):
+    """Not the defaults under the status of the job that just ended, whichever way it ended."""
+    def backbone():
+        if ending == "failed":
+            raise RuntimeError("no model")
+        return make_tiny_backbone()
+
+    host = FakeHost(tmp_path / "Lora", backbone)
+    host.interrupted = lambda: ending == "interrupted"  # the WebUI's Interrupt, pressed before the first step
+    job = TrainingJob()
+    ran = ui_values(train_data_dir=str(shapes_dataset), output_dir=str(tmp_path / "out"), output_name="last run",
+                    trigger_word="zkx", resolution=64, batch_size=4, max_steps=1, lora_rank=2, device="cpu",
+                    sample_steps=2)
+    assert "Started." in tab.start_training_ui(host, job, *ran)
+    assert job.wait(120) and job.snapshot()["status"] == ending, job.snapshot()
+    shown = tab.job_form_ui(job, *ui_values())
+    cfg = tab.values_to_config(shown)
+    assert (cfg.output_name, cfg.trigger_word, cfg.lora_rank, cfg.resolution) == ("last run", "zkx", 2, 64)
+    assert cfg.train_data_dir == str(shapes_dataset)
 
 
 def test_start_refuses_bad_settings(tmp_path):

@@ -89,6 +89,24 @@ def test_lora_dir_and_defaults_from_the_settings(webui, tmp_path):
                                "preset": "Low VRAM"}
 
 
+def test_the_default_output_folder_is_under_the_webui_data_dir(webui, monkeypatch, tmp_path):
+    paths_internal = types.SimpleNamespace(default_output_dir=str(tmp_path / "data" / "outputs"))
+    monkeypatch.setitem(sys.modules, "modules.paths_internal", paths_internal)
+    assert webui_host.default_output_dir() == str(tmp_path / "data" / "outputs" / "lora_train")
+    assert webui_host.WebUIHost().defaults()["output_dir"] == str(tmp_path / "data" / "outputs" / "lora_train")
+    webui.shared.opts.lora_train_output_dir = "/elsewhere/lora"
+    assert webui_host.WebUIHost().defaults()["output_dir"] == "/elsewhere/lora"
+
+
+def test_trusted_origins_are_the_share_link_and_the_cors_settings():
+    opts = types.SimpleNamespace(cors_allow_origins="http://a.example, http://b.example:8080,",
+                                 cors_allow_origins_regex=r"https://.*\.lan")
+    demo = types.SimpleNamespace(share_url="https://abc.gradio.live")
+    assert webui_host.trusted_origins(opts, demo) == (
+        ["http://a.example", "http://b.example:8080", "https://abc.gradio.live"], r"https://.*\.lan")
+    assert webui_host.trusted_origins(types.SimpleNamespace(), None) == ([], None)
+
+
 def test_the_loaded_checkpoint_file_is_the_base_model(webui):
     assert webui_host.WebUIHost().base_model_path() is None  # a model without checkpoint info
     webui.shared.sd_model.sd_checkpoint_info = types.SimpleNamespace(filename="/m/Stable-diffusion/v15.safetensors")
