@@ -10,6 +10,7 @@ from torch import nn
 from lora_trainer.lora.inject import inject_lora, lora_state_dict
 from lora_trainer.train import grid
 from lora_trainer.train.events import EventBus, GridEvent, SnapshotEvent
+from lora_trainer.train.layout import RunLayout
 from lora_trainer.train.snapshots import Snapshot, list_snapshots, weights_of
 from lora_trainer.train.trainer import Trainer
 from tests.lora.helpers import randomize_lora
@@ -77,7 +78,7 @@ def test_run_keeps_epoch_snapshots_and_renders_the_grid(make_tiny_backbone, shap
     cells = grid.render_cells(backbone, roots, quality.snapshots, [0.0, 1.0], PROMPTS[:1], seed=cfg.seed,
                               steps=2, size=64)
     pixels = {(c.snapshot.kind, c.snapshot.step, c.weight): np.asarray(c.image) for c in cells}
-    with Image.open(out / "samples" / "step-000006-0.png") as sample:
+    with Image.open(RunLayout.of(cfg).sample_file(6, 0)) as sample:
         assert np.array_equal(pixels[("final", 6, 1.0)], np.asarray(sample))
     assert all(np.array_equal(pixels[(kind, step, 0.0)], pixels[("final", 6, 0.0)])
                for kind, step, _ in pixels)

@@ -99,10 +99,10 @@ def test_early_stop_keeps_the_best_snapshot(tmp_path):
 def test_resumed_run_keeps_its_evaluations(tmp_path):
     straight, _ = _run(config_from_dict(planted_overfit(tmp_path / "a")), ToyBackbone())
     steps: list[int] = []
-    cfg = config_from_dict(planted_overfit(tmp_path / "b"))
-    Trainer(cfg, ToyBackbone(), events=EventBus(lambda e: steps.append(e.step) if isinstance(e, StepEvent)
-                                                else None), should_stop=lambda: len(steps) >= 62).run()
-    resumed, _ = _run(config_from_dict(planted_overfit(tmp_path / "b", resume_from="latest")), ToyBackbone())
+    settings = planted_overfit(tmp_path / "b")
+    Trainer(config_from_dict(settings), ToyBackbone(), should_stop=lambda: len(steps) >= 62,
+            events=EventBus(lambda e: steps.append(e.step) if isinstance(e, StepEvent) else None)).run()
+    resumed, _ = _run(config_from_dict({**settings, "resume_from": "latest"}), ToyBackbone())
     expected, got = straight.quality.validation, resumed.quality.validation
     assert [step for step, _ in got] == [step for step, _ in expected]
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
