@@ -57,6 +57,12 @@ class TrainConfig:
         None, "Base checkpoint: a single-file .safetensors (.ckpt loaded weights-only), with a same-named "
         ".yaml beside it when present, or a diffusers folder (required).", path=True)
     task_type: str = _opt("text-to-image", "What is trained.", choices=("text-to-image",))
+    v_parameterization: bool = _opt(
+        False, "Train v-prediction (kohya's v_parameterization), for SD2.x 768-v and v-prediction SDXL models whose "
+        "file does not say so. Off: the model's own (its .yaml, a v_pred marker or its scheduler config).")
+    zero_terminal_snr: bool = _opt(
+        False, "Rescale the noise schedule's betas to zero terminal SNR (kohya's zero_terminal_snr), as "
+        "v-prediction models trained that way need; the file's ztsnr marker turns it on too.")
     # lora
     lora_rank: int = _opt(16, "LoRA rank (network dim).", low=1, high=512)
     lora_alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", low=0.0, high=4096.0)
@@ -85,6 +91,12 @@ class TrainConfig:
     mixed_precision: str = _opt("auto", "auto (bf16 or fp16 on CUDA, fp32 on CPU), no, fp16 or bf16.",
                                 choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward: less memory, ~30% slower.")
+    auto_fit: bool = _opt(False, "When the memory plan finds the run too big for the device even after smaller "
+                          "batches, checkpointing and 8-bit AdamW, also lower the resolution (64 px at a time).")
+    channels_last: bool = _opt(False, "Channels-last memory format for the UNet's convolutions (a GPU speed-up "
+                               "on some cards; measure it with benchmarks/gpu.py).")
+    torch_compile: bool = _opt(False, "Compile the UNet with torch.compile (slow first steps; a speed-up on some "
+                               "GPUs; measure it with benchmarks/gpu.py).")
     min_snr_gamma: float | None = _opt(None, "Min-SNR loss weighting gamma (5 is typical); off when unset.", low=0.0,
                                        high=1000.0)
     noise_offset: float = _opt(0.0, "Noise offset (0.05-0.1 helps very dark / bright images).", low=0.0, high=1.0)
@@ -114,8 +126,8 @@ class TrainConfig:
     preview: bool = _opt(True, "Render one picture with the trigger word (and the first sample prompt) at the end "
                          "of a finished run: <output_name>.preview.png, installed with the LoRA in the WebUI.")
     # knowing when it is done: validation, overfitting alarm, epoch snapshots and their grid
-    validation_split: float = _opt(0.0, "Share of the images held out to compute a validation loss (0: none; "
-                                   "0.1 is typical).", low=0.0, high=0.5)
+    validation_split: float = _opt(0.0, "Share of the training data held out to compute a validation loss (images; "
+                                   "text-generation: examples); 0: none, 0.1 is typical.", low=0.0, high=0.5)
     validation_dir: str | None = _opt(None, "Folder of held-out validation images with captions (instead of "
                                       "validation_split).", path=True)
     validate_every: int = _opt(0, "Compute the validation loss every N updates (0: at the end of every epoch).",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import reprlib
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ RESOLUTION_MULTIPLE = 64
 RESERVED_NAMES = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
                             *(f"lpt{i}" for i in range(10))})  # device names Windows will not create as files
 _FORBIDDEN_NAME_CHARS = frozenset('/\\<>:"|?*')
+# Unicode categories a file name never needs: controls, invisible format characters (e.g. right-to-left
+# overrides that disguise a name), surrogates, private-use and unassigned code points, line/paragraph separators.
+_FORBIDDEN_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_.]+")
 
@@ -54,7 +58,11 @@ def short_repr(value: Any) -> str:
 
 
 def check_file_name(key: str, name: str) -> str:
-    """``name`` if it is a plain file name (no folder, not hidden, not reserved, bounded); else ConfigError."""
+    """``name`` if it is a plain file name (no folder, not hidden, not reserved, bounded); else ConfigError.
+
+    Letters and digits of any script are fine ("キャラ_v1", "café-style"): the LoRA is installed under exactly
+    this name (:mod:`lora_trainer.ui.registry` uses this rule too), so ``<lora:name:0.8>`` matches what was typed.
+    """
     why = _file_name_problem(name)
     if why:
         raise ConfigError(f"{key}: {short_repr(name)} {why}; use a plain file name such as 'my_style'")
@@ -70,8 +78,8 @@ def _file_name_problem(name: str) -> str | None:
         return f"is too long (at most {MAX_NAME_CHARS} characters)"
     if any(ch in _FORBIDDEN_NAME_CHARS for ch in name):
         return "contains a path separator or one of < > : \" | ? *"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        return "contains control characters"
+    if any(unicodedata.category(ch) in _FORBIDDEN_NAME_CATEGORIES or (ch.isspace() and ch != " ") for ch in name):
+        return "contains control, invisible or non-space whitespace characters"
     if ".." in name:
         return "contains '..'"
     if name.startswith("."):

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random SD1.5-topology models and small image folders, built once per session."""
+"""Shared fixtures: tiny random SD1.5- and SDXL-topology models and small image folders, built once per session."""
 
 from __future__ import annotations
 
@@ -67,6 +67,33 @@ def make_tiny_backbone(_tiny_components: dict):
     def make():
         c = {k: (v if k == "tokenizer" else copy.deepcopy(v)) for k, v in _tiny_components.items()}
         return DiffusersBackbone(c["unet"], c["vae"], c["text_encoder"], c["tokenizer"])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def _tiny_sdxl_components(tokenizer_dir: Path) -> dict:
+    from lora_trainer.models.tiny_sdxl import build_tiny_sdxl_components
+
+    return build_tiny_sdxl_components(seed=0, tokenizer_dir=str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny-sdxl.safetensors`` (sgm layout), ``.yaml`` and ``-clip/`` (seed 0: _tiny_sdxl_components' weights)."""
+    from lora_trainer.models.tiny_sdxl import write_tiny_sdxl_checkpoint
+
+    return write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("tiny_sdxl_checkpoint"))
+
+
+@pytest.fixture
+def make_tiny_sdxl_backbone(_tiny_sdxl_components: dict):
+    """A factory of independent tiny SDXL backbones (each call deep-copies the same random weights)."""
+    from lora_trainer.models.tiny_sdxl import tiny_sdxl_backbone
+
+    def make(**schedule):
+        c = {k: (v if k.startswith("tokenizer") else copy.deepcopy(v)) for k, v in _tiny_sdxl_components.items()}
+        return tiny_sdxl_backbone(c, **schedule)
 
     return make
 

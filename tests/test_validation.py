@@ -17,7 +17,7 @@ BASE = {"train_data_dir": "data", "base_model": "model.safetensors"}
 BAD_NAMES = ["../../../elsewhere/pwned", "../escaped", "/abs/pwned", "C:\\Windows\\pwned", "sub/name", "a\\b", "",
              "   ", ".", "..", ".hidden", "my..lora", "CON", "nul", "com1.backup", "LPT9", "x" * 101, "é" * 101,
              "name.safetensors", "tab\tname", "nul\x00byte", " leading", "trailing ", "trailing.", "what?", "a:b",
-             "\ud800"]
+             "\ud800", "rtl\u202egnp.exe", "zero\u200bwidth", "line\u2028break", "no\u00a0break", "private\ue000"]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -27,7 +27,8 @@ def test_output_name_must_be_a_plain_file_name(name: str) -> None:
     assert len(str(info.value)) < 300
 
 
-@pytest.mark.parametrize("name", ["my_style", "tab lora", "v1.5-style_2", "日本語のスタイル", "x" * 100, "CONSOLE"])
+@pytest.mark.parametrize("name", ["my_style", "tab lora", "v1.5-style_2", "日本語のスタイル", "x" * 100, "CONSOLE",
+                                  "キャラ_v1", "café-style", "Ελληνικά (v2)"])
 def test_ordinary_names_are_accepted(name: str) -> None:
     assert config_from_dict({**BASE, "output_name": name}).output_name == name
 

@@ -160,6 +160,15 @@ def center_crop_resize(image: Image.Image, width: int, height: int) -> Image.Ima
     return ImageOps.fit(image, (width, height), method=_RESAMPLE_LANCZOS, centering=(0.5, 0.5))
 
 
+def center_crop_offset(width: int, height: int, target_width: int, target_height: int) -> tuple[int, int]:
+    """(top, left) of the crop :func:`center_crop_resize` takes, in pixels of the image scaled to cover the target.
+
+    SDXL is conditioned on it (``crop_coords_top_left``); a mirrored image has the same centred crop.
+    """
+    scale = max(target_width / width, target_height / height)
+    return round((height * scale - target_height) / 2), round((width * scale - target_width) / 2)
+
+
 def flip_horizontal(image: Image.Image) -> Image.Image:
     """The mirror image (left <-> right)."""
     return image.transpose(_FLIP)

@@ -76,6 +76,7 @@ def training_metadata(*, cfg: TrainConfig, model_version: str, prediction_type: 
         "ss_base_model_version": BASE_MODEL_VERSIONS[model_version],
         "ss_v2": str(model_version == "sd_v2"),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
+        "ss_zero_terminal_snr": str(cfg.zero_terminal_snr),
         "ss_sd_model_name": Path(cfg.base_model).name if cfg.base_model else "",
         "ss_output_name": cfg.output_name,
         "ss_training_comment": comment,

@@ -53,3 +53,39 @@ class Backbone(ABC):
     def release_lora_roots(self) -> None:
         """Undo what :meth:`lora_roots` set up to expose LoRA targets (nothing, for most models)."""
         return None
+
+    def add_size_conditioning(self, conditioning: Any, items: list[Any]) -> Any:
+        """Conditioning for a batch of training ``items`` (``TrainItem``: original and target sizes).
+
+        SDXL adds each image's original size, crop offset and target size; others need nothing more.
+        """
+        return conditioning
+
+    def set_noise_options(self, *, v_parameterization: bool = False, zero_terminal_snr: bool = False) -> None:
+        """kohya's options: ``v_parameterization`` trains v-prediction whatever the model declares;
+        ``zero_terminal_snr`` rescales the schedule's betas so the last timestep is pure noise."""
+        if v_parameterization:
+            self.prediction_type = "v_prediction"
+        if zero_terminal_snr:
+            self.alphas_cumprod = zero_terminal_snr_alphas_cumprod(self.alphas_cumprod)
+
+    def offload_encoders(self, *, vae: bool, text_encoders: bool) -> None:
+        """Release the VAE / text encoders from the training device once their outputs are cached.
+
+        They come back for previews only (:meth:`sample`) and for good with :meth:`restore_encoders`.
+        Nothing to do for most models (the WebUI manages its own memory).
+        """
+        return None
+
+    def restore_encoders(self) -> None:
+        """Undo :meth:`offload_encoders`."""
+        return None
+
+
+def zero_terminal_snr_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The schedule with its betas rescaled to zero terminal SNR (Lin et al. 2023; diffusers' own rescaling)."""
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+
+    alphas = alphas_cumprod.double()
+    betas = 1 - torch.cat([alphas[:1], alphas[1:] / alphas[:-1]])
+    return torch.cumprod(1 - rescale_zero_terminal_snr(betas), dim=0).float()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,26 +18,41 @@ class DiffusersBackbone(Backbone):
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, *,
                  prediction_type: str = "epsilon", model_version: str = "sd_v1",
                  beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
-                 clip_skip: int = 1) -> None:
-        from diffusers import DDPMScheduler
-
+                 clip_skip: int = 1, zero_terminal_snr: bool = False, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        """``device`` / ``dtype``: where the modules already are (see :meth:`to` to move them)."""
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.prediction_type = prediction_type
         self.model_version = model_version
         self.clip_skip = clip_skip
-        self.noise_scheduler = DDPMScheduler(
-            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False)
+        self._schedule = {"num_train_timesteps": num_train_timesteps, "beta_start": beta_start,
+                          "beta_end": beta_end}
+        self._set_schedule(prediction_type, zero_terminal_snr)
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def _set_schedule(self, prediction_type: str, zero_terminal_snr: bool) -> None:
+        from diffusers import DDPMScheduler
+
+        self.prediction_type = prediction_type
+        self.noise_scheduler = DDPMScheduler(**self._schedule, beta_schedule="scaled_linear",
+                                             prediction_type=prediction_type, clip_sample=False,
+                                             rescale_betas_zero_snr=zero_terminal_snr)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.float().cpu()
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
+
+    def set_noise_options(self, *, v_parameterization: bool = False, zero_terminal_snr: bool = False) -> None:
+        zero_terminal_snr = zero_terminal_snr or bool(self.noise_scheduler.config.rescale_betas_zero_snr)
+        self._set_schedule("v_prediction" if v_parameterization else self.prediction_type, zero_terminal_snr)
+
+    def modules(self) -> list[nn.Module]:
+        """Every model component (denoiser, VAE, text encoders)."""
+        return [self.unet, self.vae, self.text_encoder]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersBackbone:
         """Move every module; ``dtype`` applies to the frozen base weights."""
         self.device = torch.device(device)
         if dtype is not None:
             self.dtype = dtype
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.to(self.device, dtype=self.dtype)
         return self
 
@@ -62,6 +79,9 @@ class DiffusersBackbone(Backbone):
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=conditioning).sample
 
+    def text_encoders(self) -> list[nn.Module]:
+        return [self.text_encoder]
+
     def lora_roots(self, train_text_encoder: bool) -> dict[str, nn.Module]:
         roots: dict[str, nn.Module] = {"lora_unet": self.unet}
         if train_text_encoder:
@@ -69,18 +89,52 @@ class DiffusersBackbone(Backbone):
         return roots
 
     def frozen_modules(self) -> list[nn.Module]:
-        return [self.unet, self.vae, self.text_encoder]
+        return self.modules()
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        te = self.text_encoder
         if enabled:
             self.unet.enable_gradient_checkpointing()
-            getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
         else:
             self.unet.disable_gradient_checkpointing()
-            getattr(te, "activation_checkpointing_disable", te.gradient_checkpointing_disable)()
+        for te in self.text_encoders():
+            name = "enable" if enabled else "disable"
+            getattr(te, f"activation_checkpointing_{name}", getattr(te, f"gradient_checkpointing_{name}"))()
+
+    # ---- encoders off the training device while their outputs are cached ----------------------------------
+    def offload_encoders(self, *, vae: bool, text_encoders: bool) -> None:
+        """On a GPU, move the VAE / text encoders to the CPU (nothing to free on the CPU itself)."""
+        if self.device.type == "cpu":
+            return
+        self._offloaded = ([self.vae] if vae else []) + (self.text_encoders() if text_encoders else [])
+        for module in self._offloaded:
+            module.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def restore_encoders(self) -> None:
+        for module in getattr(self, "_offloaded", []):
+            module.to(self.device)
+        self._offloaded = []
+
+    @contextmanager
+    def encoders_on_device(self) -> Iterator[None]:
+        """The offloaded encoders back on the training device for the length of the block (previews)."""
+        offloaded = getattr(self, "_offloaded", [])
+        for module in offloaded:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in offloaded:
+                module.to("cpu")
+
+    # ---- previews -----------------------------------------------------------------------------------------
+    def prompt_embeds(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The pipeline's ``prompt_embeds`` (and for SDXL ``pooled_prompt_embeds``) for ``prompts``."""
+        return {"prompt_embeds": self.encode_prompts(prompts)}
 
     def sample(self, prompts: list[str], *, seed: int, steps: int, width: int, height: int) -> list[Any]:
         from lora_trainer.models.sampling import sample_images
 
-        return sample_images(self, prompts, seed=seed, steps=steps, width=width, height=height)
+        with self.encoders_on_device():
+            return sample_images(self, prompts, seed=seed, steps=steps, width=width, height=height)

@@ -1,10 +1,12 @@
-"""diffusers SD1.x modules -> one LDM-layout ("original Stable Diffusion") state dict.
+"""diffusers SD1.x / SDXL modules -> one original-layout ("LDM" / sgm) single-file state dict.
 
-The inverse of diffusers' single-file conversion (``diffusers.loaders.single_file_utils``) for SD1.x:
-``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE, mid-block attention as 1x1 convs) and
-``cond_stage_model.transformer.text_model.*`` (CLIP text encoder). Used to write real single-file
-checkpoints in the exact layout users (and the WebUI) have; correctness is checked by converting back
-with diffusers' own forward functions.
+The inverse of diffusers' single-file conversion (``diffusers.loaders.single_file_utils``):
+``model.diffusion_model.*`` (UNet; SDXL's added embedding as ``label_emb.0.*``), ``first_stage_model.*`` (VAE,
+mid-block attention as 1x1 convs) and the text encoders: ``cond_stage_model.transformer.text_model.*`` (SD1),
+or SDXL's ``conditioner.embedders.0.transformer.text_model.*`` (CLIP ViT-L) and
+``conditioner.embedders.1.model.*`` (OpenCLIP bigG layout: fused q/k/v, transposed ``text_projection``).
+Used to write real single-file checkpoints in the exact layout users (and the WebUI) have; correctness is
+checked by converting back with diffusers' own functions.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from torch import nn
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 _UNET_TOP = {
     "time_embedding.linear_1.": "time_embed.0.",
@@ -22,6 +26,8 @@ _UNET_TOP = {
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.",
+    "add_embedding.linear_2.": "label_emb.0.2.",
 }
 _UNET_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
                 ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."),
@@ -122,8 +128,8 @@ def vae_to_ldm(vae: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_encoder_to_ldm(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPTextModel`` as ``cond_stage_model.transformer.text_model.*`` weights.
+def text_encoder_to_ldm(text_encoder: nn.Module, prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModel`` as ``<prefix>text_model.*`` weights (SD1: ``cond_stage_model.transformer.``).
 
     Works with both the nested (``text_model.``) and the flattened (transformers >= 5.6) module layout;
     ``embeddings.position_ids`` is included as real SD1.x checkpoints carry it.
@@ -132,12 +138,43 @@ def text_encoder_to_ldm(text_encoder: nn.Module) -> dict[str, torch.Tensor]:
     for key, value in text_encoder.state_dict().items():
         if not key.startswith("text_model."):
             key = "text_model." + key
-        out[CLIP_PREFIX + key] = value
-    positions = CLIP_PREFIX + "text_model.embeddings.position_ids"
+        out[prefix + key] = value
+    positions = prefix + "text_model.embeddings.position_ids"
     if positions not in out:
         length = int(text_encoder.config.max_position_embeddings)
         out[positions] = torch.arange(length, dtype=torch.int64)[None]
     return out
+
+
+def text_encoder_to_open_clip(text_encoder: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model as OpenCLIP text-tower weights under ``prefix`` (SD2, SDXL's second).
+
+    ``text_projection`` (``CLIPTextModelWithProjection``) is stored transposed, as OpenCLIP multiplies by it.
+    """
+    from lora_trainer.models.text_encoders import OPEN_CLIP_BLOCK_NAMES, OPEN_CLIP_TOP_NAMES
+
+    state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+             for k, v in text_encoder.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, key in OPEN_CLIP_TOP_NAMES.items():
+        if key in state:
+            out[prefix + name] = state[key].t() if name == "text_projection" else state[key]
+    for index in range(int(text_encoder.config.num_hidden_layers)):
+        src, dst = f"text_model.encoder.layers.{index}.", f"{prefix}transformer.resblocks.{index}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([state[f"{src}self_attn.{n}_proj.{kind}"] for n in "qkv"])
+            for open_name, name in OPEN_CLIP_BLOCK_NAMES.items():
+                out[f"{dst}{open_name}{kind}"] = state[f"{src}{name}{kind}"]
+    out[prefix + "logit_scale"] = torch.tensor(4.6052)
+    return out
+
+
+def sdxl_to_ldm_state_dict(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
+                           text_encoder_2: nn.Module) -> dict[str, torch.Tensor]:
+    """SDXL diffusers components -> one sgm single-file state dict (contiguous CPU tensors)."""
+    state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **text_encoder_to_ldm(text_encoder, SDXL_CLIP_PREFIX),
+             **text_encoder_to_open_clip(text_encoder_2, SDXL_OPEN_CLIP_PREFIX)}
+    return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
 
 
 def diffusers_to_ldm_state_dict(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> dict[str, torch.Tensor]:

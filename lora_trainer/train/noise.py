@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lora_trainer.train.transfer import to_device
+
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
     """Gaussian noise like ``latents``; ``noise_offset`` adds a per-channel constant (brightness range)."""
@@ -11,7 +13,7 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-    return noise.to(latents.device)
+    return to_device(noise, latents.device)
 
 
 def sample_timesteps(batch: int, num_timesteps: int, generator: torch.Generator) -> torch.Tensor:
@@ -19,7 +21,7 @@ def sample_timesteps(batch: int, num_timesteps: int, generator: torch.Generator)
 
 
 def _gather(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    out = values.to(like.device)[timesteps.to(like.device)].float()
+    out = to_device(values, like.device)[to_device(timesteps, like.device)].float()
     return out.view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -47,4 +49,7 @@ def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma
     a = alphas_cumprod[timesteps.cpu()].float()
     snr = a / (1 - a)
     clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    # epsilon: min(snr, gamma) / snr, which tends to 1 at zero SNR (the last step of a zero-terminal-SNR schedule)
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))

@@ -23,7 +23,7 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device,
             reason = "it needs a CUDA device"
         if notify:
             notify(MessageEvent(f"optimizer adamw8bit unavailable ({reason}); using adamw", "warning"))
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):

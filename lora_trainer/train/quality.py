@@ -66,62 +66,86 @@ class QualityReport:
     grid_cells: int = 0
 
 
+@dataclass
+class Validators:
+    """The two fixed-noise measures of a run: on the held-out images, and on a few training images."""
+
+    held_out: ValidationLoss
+    train_probe: ValidationLoss
+
+
+def prepare_validation(cfg: TrainConfig, backbone: Any, train_items: list[TrainItem], held_out: list[TrainItem],
+                       autocast: Callable[[], Any] = contextlib.nullcontext) -> Validators | None:
+    """Encode and noise the validation images once (None without any): call it while the VAE and the text
+    encoders are still on the training device, before they are offloaded."""
+    if not held_out:
+        return None
+
+    def measure(items: list[TrainItem]) -> ValidationLoss:
+        return ValidationLoss(backbone, items, encode_text=cfg.train_text_encoder, chunk=cfg.batch_size,
+                              autocast=autocast)
+
+    return Validators(measure(held_out), measure(probe_items(train_items, TRAIN_PROBE)))
+
+
 class RunWatch:
     """Validation, overfitting alarm, snapshots and grid around one training loop.
 
-    ``metadata(step)`` gives the LoRA metadata of the run at ``step`` (for snapshot files); ``autocast()``
-    the training's autocast context; ``progress`` is where the loop starts (0, or a resumed checkpoint).
+    ``metadata(step)`` gives the LoRA metadata of the run at ``step`` (for snapshot files); ``progress`` is
+    where the loop starts (0, or a resumed checkpoint) and ``epoch`` the epoch it is in.
     """
 
-    def __init__(self, cfg: TrainConfig, backbone: Any, roots: dict, train_items: list[TrainItem],
-                 held_out: list[TrainItem], bus: EventBus,
-                 writer: Any, progress: ckpt.Progress, batches_per_epoch: int, resume_path: Path | None, *,
-                 metadata: Callable[[int], dict[str, str]], autocast: Callable[[], Any] = contextlib.nullcontext,
-                 fallback_prompt: str = "") -> None:
+    def __init__(self, cfg: TrainConfig, backbone: Any, roots: dict, validators: Validators | None,
+                 bus: EventBus, writer: Any, progress: ckpt.Progress, epoch: int, resume_path: Path | None, *,
+                 metadata: Callable[[int], dict[str, str]], fallback_prompt: str = "") -> None:
         self.cfg, self.backbone, self.roots, self.bus, self.writer = cfg, backbone, roots, bus, writer
         self.output_dir = Path(cfg.output_dir)
-        self.batches_per_epoch = max(1, batches_per_epoch)
         self.metadata = metadata
         self.prompts = list(cfg.sample_prompts) or [cfg.trigger_word or fallback_prompt or cfg.output_name]
         self.monitor = OverfitMonitor(cfg.overfit_patience)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.early_stopped = False
-        self.validator = self.train_probe = None
-        if held_out:
-            def measure(items: list[TrainItem]) -> ValidationLoss:
-                return ValidationLoss(backbone, items, encode_text=cfg.train_text_encoder, chunk=cfg.batch_size,
-                                      autocast=autocast)
-
-            self.validator = measure(held_out)
-            self.train_probe = measure(probe_items(train_items, TRAIN_PROBE))
-        self.last_epoch = progress.micro_step // self.batches_per_epoch
+        self.validators = validators
+        self.last_epoch = epoch
         if resume_path is not None:
             self._resume(resume_path)
-        elif cfg.save_every_n_epochs or self.validator:
+        elif cfg.save_every_n_epochs or validators:
             snaps.clear_snapshots(self.output_dir, cfg.output_name)  # left by an earlier run of this name
-        if self.validator and writer is not None:
+        if validators and writer is not None:
             writer.add_custom_scalars({"training": {"loss and validation loss": ["Multiline",
                                                                                  ["loss", "validation_loss"]]}})
 
     # ---- during the loop --------------------------------------------------------------------------
-    def after_update(self, progress: ckpt.Progress, total: int) -> bool:
-        """Snapshot and validate when due; True when the run should stop here (early stop)."""
-        cfg, step = self.cfg, progress.global_step
-        epoch = progress.micro_step // self.batches_per_epoch
-        epoch_ended, self.last_epoch = epoch > self.last_epoch, max(epoch, self.last_epoch)
-        if cfg.save_every_n_epochs and epoch_ended and epoch % cfg.save_every_n_epochs == 0 and step < total:
+    def _snapshot_due(self, epoch: int, step: int, total: int) -> bool:
+        every = self.cfg.save_every_n_epochs
+        return bool(every) and epoch > self.last_epoch and epoch % every == 0 and step < total
+
+    def _validation_due(self, epoch: int, step: int, total: int) -> bool:
+        if self.validators is None:
+            return False
+        every = self.cfg.validate_every
+        return step >= total or (step % every == 0 if every else epoch > self.last_epoch)
+
+    def due(self, step: int, epoch: int, total: int) -> bool:
+        """Whether :meth:`after_update` writes a snapshot or validates after update ``step`` (so the trainer
+        reads its pending losses first: nothing after a non-finite step is measured or saved)."""
+        return self._snapshot_due(epoch, step, total) or self._validation_due(epoch, step, total)
+
+    def after_update(self, step: int, epoch: int, total: int) -> bool:
+        """Snapshot and validate when due (``epoch``: the epoch the next micro-batch is in); True when the run
+        should stop here (early stop). Reads the device only when it validates."""
+        cfg = self.cfg
+        if self._snapshot_due(epoch, step, total):
             path = snaps.save_snapshot(snaps.epoch_snapshot_path(self.output_dir, cfg.output_name, epoch),
                                        self.roots, cfg.lora_alpha, self.metadata(step), kind="epoch")
             self.bus.emit(SnapshotEvent(step, path, "epoch", epoch))
-        due = step % cfg.validate_every == 0 if cfg.validate_every else epoch_ended
-        if self.validator is None or not (due or step >= total):
-            return False
-        return self._validate(progress)
+        validate = self._validation_due(epoch, step, total)
+        self.last_epoch = max(epoch, self.last_epoch)
+        return validate and self._validate(step)
 
-    def _validate(self, progress: ckpt.Progress) -> bool:
-        step = progress.global_step
-        loss = self.validator(self.roots.values())
-        train_loss = self.train_probe(self.roots.values())
+    def _validate(self, step: int) -> bool:
+        loss = self.validators.held_out(self.roots.values())
+        train_loss = self.validators.train_probe(self.roots.values())
         fired = self.monitor.record(step, loss, train_loss)
         best = self.monitor.best
         if best.step == step:
@@ -141,7 +165,7 @@ class RunWatch:
 
     def checkpoint_files(self) -> dict[str, Callable[[Path], None]]:
         """Extra files for a checkpoint folder, so a resumed run keeps its evaluations and best weights."""
-        if self.validator is None:
+        if self.validators is None:
             return {}
         files = {STATE_FILE: lambda path: path.write_text(json.dumps(self.monitor.to_dict()), encoding="utf-8")}
         if self.best_state is not None:
@@ -151,11 +175,23 @@ class RunWatch:
 
     def _resume(self, folder: Path) -> None:
         state_file, best_file = folder / STATE_FILE, folder / BEST_FILE
-        if self.validator is not None and state_file.is_file():
+        if self.validators is not None and state_file.is_file():
             data = json.loads(state_file.read_text(encoding="utf-8"))
             self.monitor = OverfitMonitor.from_dict(data, self.cfg.overfit_patience)
             if best_file.is_file():
                 self.best_state = load_file(str(best_file))
+            self._replay()
+
+    def _replay(self) -> None:
+        """Announce a resumed run's earlier evaluations (and alarm), so the tab's plot shows the whole run."""
+        history = self.monitor.history
+        for index, evaluation in enumerate(history):
+            so_far = OverfitMonitor(self.monitor.patience, history[:index + 1])
+            best = so_far.best
+            self.bus.emit(ValidationEvent(evaluation.step, evaluation.loss, evaluation.train_loss, best.step,
+                                          best.loss))
+            if evaluation.step == self.monitor.alarm_step:
+                self.bus.emit(OverfitEvent(evaluation.step, best.step, best.loss, so_far.describe(), False))
 
     # ---- at the end -------------------------------------------------------------------------------
     def before_export(self, progress: ckpt.Progress) -> ckpt.Progress:

@@ -28,15 +28,24 @@ RECORD_FORMAT = 1
 # Settings that shape the weights or the order of the data; changing one makes another run. Cosmetic and
 # machine-specific ones (samples, save cadence, device, precision, caching, logging) are not part of it.
 IDENTITY_KEYS = ("task_type", "trigger_word", "resolution", "bucket", "repeats", "flip_aug", "caption_dropout",
-                 "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "train_text_encoder", "batch_size",
-                 "gradient_accumulation_steps", "epochs", "max_steps", "learning_rate", "text_encoder_lr",
-                 "optimizer", "weight_decay", "max_grad_norm", "scheduler", "warmup_steps", "min_snr_gamma",
-                 "noise_offset", "seed")
+                 "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "train_text_encoder", "epochs",
+                 "max_steps", "learning_rate", "text_encoder_lr", "optimizer", "weight_decay", "max_grad_norm",
+                 "scheduler", "warmup_steps", "min_snr_gamma", "noise_offset", "seed")
 Log = Callable[[str], None]
 
 
 class ResumeRefused(ckpt.CheckpointError):
     """A resume that would continue another run, or that has nothing to continue."""
+
+
+class InterruptedRunExists(ResumeRefused):
+    """A fresh start of a run whose interrupted checkpoints exist; ``status`` is e.g. ``"step 30/200"``."""
+
+    def __init__(self, output_name: str, status: str, run_dir: Path) -> None:
+        self.output_name, self.status, self.run_dir = output_name, status, run_dir
+        super().__init__(f"an interrupted run of {output_name!r} with these data and settings exists ({status}, "
+                         f"{run_dir}); resume it (--resume, or resume_from: latest), or set overwrite: true to "
+                         "start it again from step 0")
 
 
 def data_files(scan: DatasetScan) -> dict[str, list]:
@@ -54,6 +63,9 @@ def weight_settings(cfg: TrainConfig) -> dict[str, Any]:
     settings = {key: getattr(cfg, key) for key in IDENTITY_KEYS}
     settings["target_modules"] = list(cfg.target_modules)
     settings["base_model"] = Path(cfg.base_model).name if cfg.base_model else None
+    # the batch per update, not how it is split: the out-of-memory ladder halves batch_size and doubles the
+    # accumulation, and a run may resume with a smaller batch that fits
+    settings["effective_batch"] = cfg.batch_size * cfg.gradient_accumulation_steps
     if cfg.max_steps:
         settings["epochs"] = None
     return settings
@@ -185,10 +197,7 @@ def plan_run(cfg: TrainConfig, layout: RunLayout, identity: RunIdentity, total_s
     plan = RunPlan(run_dir, record or {})
     if not cfg.resume_from:
         if existing and not record.get("finished") and not cfg.overwrite:
-            raise ResumeRefused(
-                f"an interrupted run of {cfg.output_name!r} with these data and settings exists "
-                f"({_status(run_dir, record)}, {run_dir}); resume it (--resume, or resume_from: latest), or set "
-                "overwrite: true to start it again from step 0")
+            raise InterruptedRunExists(cfg.output_name, _status(run_dir, record), run_dir)
         for path in existing:
             shutil.rmtree(path, ignore_errors=True)
         if existing:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_trainer.config import TrainConfig, dump_config
-from lora_trainer.data.dataset import DatasetScan, TrainItem, epoch_batches, load_pixels, scan_dataset
+from lora_trainer.data.dataset import DatasetScan, TrainItem, load_pixels, scan_dataset
 from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text, reporting_os_errors
 from lora_trainer.lora.export import save_lora
@@ -27,12 +27,19 @@ from lora_trainer.models.state import restore_model_state, snapshot_model_state
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train import preflight, runs
 from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, SampleEvent, StepEvent
+from lora_trainer.train.fast_paths import fast_paths
 from lora_trainer.train.layout import RunLayout
+from lora_trainer.train.loss_log import LossLog
+from lora_trainer.train.memory_plan import Settings as MemorySettings
+from lora_trainer.train.memory_plan import plan_run as plan_memory
+from lora_trainer.train.micro_batches import MicroBatches
 from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
+from lora_trainer.train.oom_guard import OOM_ERRORS, OomGuard, SpillWatch, device_memory_fraction
 from lora_trainer.train.optim import build_optimizer, build_scheduler
 from lora_trainer.train.preflight import StepPlan, resolve_device
 from lora_trainer.train.preview import write_preview
-from lora_trainer.train.quality import QualityReport, RunWatch, hold_out
+from lora_trainer.train.quality import QualityReport, RunWatch, Validators, hold_out, prepare_validation
+from lora_trainer.train.transfer import to_device
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
@@ -81,7 +88,7 @@ class Trainer:
     """Runs one training job. ``should_stop`` is polled every micro-batch (Ctrl-C, the WebUI's Interrupt)."""
 
     watch: RunWatch | None = None  # validation, snapshots and grid of the run in progress
-    held_out: list[TrainItem]  # the validation images, set by run()
+    validators: Validators | None = None  # the held-out images' measure, set by run() before the loop
 
     def __init__(self, cfg: TrainConfig, backbone: Backbone | None = None, *,
                  events: EventBus | None = None, should_stop: Callable[[], bool] | None = None,
@@ -102,6 +109,9 @@ class Trainer:
 
             self._log(f"loading base model {self.cfg.base_model}")
             self.backbone = load_backbone(self.cfg.base_model, device=device, dtype=dtype)
+        if self.cfg.v_parameterization or self.cfg.zero_terminal_snr:
+            self.backbone.set_noise_options(v_parameterization=self.cfg.v_parameterization,
+                                            zero_terminal_snr=self.cfg.zero_terminal_snr)
         return self.backbone
 
     def _scan(self) -> DatasetScan:
@@ -142,7 +152,7 @@ class Trainer:
         preflight.check_output_dir(layout.output_dir)
         for path in runs.remove_stale_temporaries(layout):
             self._log(f"removed {path.name}, left unfinished by an interrupted run")
-        scan, self.held_out = hold_out(self._scan(), cfg, self._log)
+        scan, held_out = hold_out(self._scan(), cfg, self._log)
         if self.backbone is None:
             from lora_trainer.models.loading import check_base_model
 
@@ -164,7 +174,15 @@ class Trainer:
             text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
             inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         unet_targets=list(cfg.target_modules), te_targets=TE_TARGETS)
-            return self._train(scan, backbone, roots, device, dtype, plan, layout, steps, latents, text_cache)
+            if self._plan_memory(backbone, roots, device, dtype, len(latents or ()), text_cache):
+                scan, held_out = hold_out(self._scan(), self.cfg, lambda *_: None)  # auto_fit lowered the resolution
+                latents = self._encode_latents(scan.items) if self.cfg.cache_latents else None
+            self.validators = prepare_validation(self.cfg, backbone, scan.items, held_out,
+                                                 lambda: self._autocast(device, dtype))
+            backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
+            with fast_paths(roots["lora_unet"], channels_last=cfg.channels_last, compile_model=cfg.torch_compile,
+                            notify=self._log):
+                return self._train(scan, backbone, roots, device, dtype, plan, layout, steps, latents, text_cache)
         except _StoppedWhileCaching as stopped:
             resumed = plan.resume
             self._log(f"interrupted while {stopped}; nothing new to save"
@@ -173,12 +191,26 @@ class Trainer:
                                list(resumed.progress.losses) if resumed else [],
                                checkpoint=resumed.path if resumed else None, interrupted=True)
         finally:
+            backbone.restore_encoders()
             if self.restore_backbone:
                 remove_lora(roots)
                 backbone.set_gradient_checkpointing(False)
                 backbone.release_lora_roots()
                 for module, state in states_before:
                     restore_model_state(module, state)
+
+    def _plan_memory(self, backbone: Backbone, roots: dict, device: torch.device, dtype: torch.dtype,
+                     num_latents: int, text_cache: dict | None) -> bool:
+        """Print the memory plan and train with its settings (the effective config written at the end says
+        them); True when it changed the resolution."""
+        plan = plan_memory(self.cfg, backbone, roots, device, dtype, num_latents=num_latents,
+                           text_cache=text_cache)
+        for line in plan.report():
+            self._log(line, "info" if plan.fits and not plan.changes else "warning")
+        resolution = self.cfg.resolution
+        if plan.changes:
+            self.cfg = dataclasses.replace(self.cfg, **dataclasses.asdict(plan.settings))
+        return self.cfg.resolution != resolution
 
     def _resume(self, loaded: ckpt.LoadedCheckpoint, roots: dict, optimizer, scheduler) -> ckpt.Progress:
         """Put a checkpoint's LoRA weights, optimizer, schedule and RNG back; a misfit is a CheckpointError."""
@@ -205,7 +237,8 @@ class Trainer:
         if te_params:
             groups.append({"params": te_params, "lr": cfg.resolved_text_encoder_lr()})
         all_params = unet_params + te_params
-        batches_per_epoch, total = steps.batches_per_epoch, steps.total
+        total = steps.total
+        stream = MicroBatches(items, cfg.batch_size, cfg.seed, cfg.repeats)
         optimizer = build_optimizer(cfg, groups, device, notify=self.bus.emit)
         scheduler = build_scheduler(cfg, optimizer, total)
         progress = ckpt.Progress(started_at=time.time())
@@ -215,54 +248,68 @@ class Trainer:
         backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
         for module in roots.values():
             module.train()
-        use_autocast = device.type == "cuda" and dtype != torch.float32
-        scaler = torch.cuda.amp.GradScaler() if use_autocast and dtype == torch.float16 else None
+        scaler = torch.cuda.amp.GradScaler() if device.type == "cuda" and dtype == torch.float16 else None
         writer = self._tensorboard(layout)
         result = TrainResult(progress.global_step, total, progress.losses,
                              checkpoint=plan.resume.path if plan.resume else None)
+        loss_log = LossLog(every_seconds=LossLog.interval_for(device))
+        guard = OomGuard(MemorySettings.of(cfg), device)
+        spill = SpillWatch(lambda: device_memory_fraction(device))
         self.watch = watch = RunWatch(
-            cfg, backbone, roots, items, self.held_out, self.bus, writer, progress, batches_per_epoch,
+            cfg, backbone, roots, self.validators, self.bus, writer, progress, stream.epoch_of(progress.micro_step),
             plan.resume.path if plan.resume else None,
             metadata=lambda step: self._metadata(dataclasses.replace(progress, global_step=step), scan, total),
-            autocast=lambda: torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext(),
             fallback_prompt=items[0].caption)
-        epoch_cache: dict[int, list[list[int]]] = {}
 
-        def batch_at(micro: int) -> list[int]:
-            epoch, index = divmod(micro, batches_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache.clear()
-                epoch_cache[epoch] = epoch_batches(items, cfg.batch_size, seed=cfg.seed, epoch=epoch,
-                                                   repeats=cfg.repeats)
-            return epoch_cache[epoch][index]
+        def log_steps() -> None:
+            """Read every pending step's loss in one host transfer; report it, or stop on a non-finite one."""
+            logged = loss_log.flush()
+            for entry in logged:
+                if not math.isfinite(entry.loss):
+                    raise NonFiniteLossError(self._non_finite_message(entry.loss, entry.step, total,
+                                                                      result.checkpoint))
+                progress.losses.append(entry.loss)
+                self.bus.emit(StepEvent(entry.step, total, entry.epoch, entry.loss, entry.lr, entry.seconds))
+                if writer:
+                    writer.add_scalar("loss", entry.loss, entry.step)
+                    writer.add_scalar("lr", entry.lr, entry.step)
+            if logged and (warning := spill.observe(logged[-1].seconds, len(logged))):
+                self._log(warning, "warning")
 
-        last_time = time.perf_counter()
         try:
             while progress.global_step < total:
                 if self.should_stop():
                     result.interrupted = True
                     break
+                guard.begin(progress.micro_step)
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                micro_step = progress.micro_step
-                for _ in range(cfg.gradient_accumulation_steps):
-                    indices = batch_at(micro_step)
-                    gen = step_generator(cfg.seed, micro_step)
-                    autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else contextlib.nullcontext()
-                    with autocast:
-                        loss = self._micro_loss(indices, items, latents, text_cache, gen, device)
-                    scaled = loss / cfg.gradient_accumulation_steps
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                    step_loss += loss.item() / cfg.gradient_accumulation_steps
-                    micro_step += 1
+                micro_losses = []
+                failure = None
+                try:
+                    for _ in range(cfg.gradient_accumulation_steps):
+                        indices = stream.at(progress.micro_step)
+                        gen = step_generator(cfg.seed, progress.micro_step)
+                        with self._autocast(device, dtype):
+                            loss = self._micro_loss(indices, items, latents, text_cache, gen, device)
+                        scaled = loss / cfg.gradient_accumulation_steps
+                        (scaler.scale(scaled) if scaler else scaled).backward()
+                        micro_losses.append(loss.detach())
+                        progress.micro_step += 1
+                except OOM_ERRORS as error:
+                    failure = error.with_traceback(None)  # its frames would keep the failed step's tensors alive
+                if failure is not None:
+                    loss = scaled = micro_losses = None
+                    settings, change, progress.micro_step = guard.recover(failure, optimizer)
+                    cfg = self.cfg = dataclasses.replace(cfg, **dataclasses.asdict(settings))
+                    stream = MicroBatches(items, cfg.batch_size, cfg.seed, cfg.repeats)
+                    backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
+                    self._log(f"out of memory at step {progress.global_step + 1}; {change}; the step runs again",
+                              "warning")
+                    continue
                 if scaler:
                     scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm) if cfg.max_grad_norm \
-                    else None
-                if not math.isfinite(step_loss) or (scaler is None and grad_norm is not None
-                                                    and not torch.isfinite(grad_norm)):
-                    raise NonFiniteLossError(self._non_finite_message(step_loss, progress.global_step + 1, total,
-                                                                      result.checkpoint))
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -270,30 +317,30 @@ class Trainer:
                     optimizer.step()
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
-                progress.micro_step = micro_step
                 progress.global_step += 1
-                progress.losses.append(step_loss)
-                now = time.perf_counter()
-                self.bus.emit(StepEvent(progress.global_step, total, progress.micro_step // batches_per_epoch,
-                                        step_loss, lr, now - last_time))
-                last_time = now
-                if writer:
-                    writer.add_scalar("loss", step_loss, progress.global_step)
-                    writer.add_scalar("lr", lr, progress.global_step)
-                if watch.after_update(progress, total):
+                epoch = stream.epoch_of(progress.micro_step)
+                loss_log.add(progress.global_step, epoch, lr, micro_losses)
+                saving = cfg.save_steps and progress.global_step % cfg.save_steps == 0
+                sampling = cfg.sample_every and progress.global_step % cfg.sample_every == 0
+                watching = watch.due(progress.global_step, epoch, total)  # validation or an epoch snapshot
+                if loss_log.due() or ((saving or sampling) and progress.global_step < total) or watching:
+                    log_steps()  # also the non-finite check: nothing after a bad step is ever saved
+                if watching and watch.after_update(progress.global_step, epoch, total):
                     break  # early stop: overfitting
-                if cfg.save_steps and progress.global_step % cfg.save_steps == 0 and progress.global_step < total:
+                if saving and progress.global_step < total:
                     result.checkpoint = self._save_checkpoint(plan, progress, roots, optimizer, scheduler)
-                if cfg.sample_every and progress.global_step % cfg.sample_every == 0 \
-                        and progress.global_step < total:
+                if sampling and progress.global_step < total:
                     result.sample_paths += self._samples(layout, progress.global_step, writer)
         except KeyboardInterrupt:
             result.interrupted = True
         finally:
-            if writer:
-                writer.flush()
-                if not result.interrupted and progress.global_step < total and not watch.early_stopped:  # an error
-                    writer.close()
+            try:
+                log_steps()
+            finally:
+                if writer:
+                    writer.flush()
+                    if not (result.interrupted or progress.global_step >= total or watch.early_stopped):
+                        writer.close()  # an error: nothing more comes
         result.steps_done = progress.global_step
         result.losses = progress.losses
         if result.interrupted:
@@ -325,11 +372,18 @@ class Trainer:
     def _non_finite_message(self, loss: float, step: int, total: int, checkpoint: Path | None) -> str:
         kept = (f"the last good checkpoint {checkpoint} is kept" if checkpoint else
                 "no checkpoint had been written yet (save_steps is 0 or not reached)")
-        return (f"the loss became {loss} at step {step}/{total}; training stopped before applying that update and "
-                f"{kept}. Lower learning_rate (now {self.cfg.learning_rate:g}) or use mixed_precision: bf16 or no, "
-                "then start again")
+        return (f"the loss became {loss} at step {step}/{total}; training stopped, nothing from that step on was "
+                f"saved and {kept}. Lower learning_rate (now {self.cfg.learning_rate:g}) or use mixed_precision: "
+                "bf16 or no, then start again")
 
     # ---- pieces of a step -------------------------------------------------------------------------
+    @staticmethod
+    def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
+        """The step's autocast context: mixed precision on CUDA, nothing elsewhere."""
+        if device.type == "cuda" and dtype != torch.float32:
+            return torch.autocast(device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
     def _captions(self, indices: list[int], items: list[TrainItem], gen: torch.Generator) -> list[str]:
         drop = torch.rand(len(indices), generator=gen).tolist()
         return ["" if d < self.cfg.caption_dropout else items[i].caption for i, d in zip(indices, drop, strict=True)]
@@ -362,8 +416,9 @@ class Trainer:
             cond = torch.stack([text_cache[c] for c in captions]).to(device)
         else:
             cond = backbone.encode_prompts(captions)
+        cond = backbone.add_size_conditioning(cond, [items[i] for i in indices])
         model_dtype = getattr(backbone, "dtype", torch.float32)
-        pred = backbone.predict(noisy.to(model_dtype), timesteps.to(device), cond).float()
+        pred = backbone.predict(noisy.to(model_dtype), to_device(timesteps, device), cond).float()
         target = training_target(x0, noise, timesteps, backbone.alphas_cumprod, backbone.prediction_type)
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:

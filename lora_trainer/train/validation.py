@@ -22,6 +22,7 @@ from lora_trainer.config import TrainConfig
 from lora_trainer.data.dataset import DatasetError, DatasetScan, TrainItem, load_pixels, scan_dataset
 from lora_trainer.models.sampling import eval_mode
 from lora_trainer.train.noise import add_noise, training_target
+from lora_trainer.train.transfer import to_device
 
 VALIDATION_SEED = 1_234_567  # the same noise for every run, whatever its own seed
 TIMESTEP_FRACTIONS = (0.1, 0.35, 0.6, 0.85)  # where in the schedule each held-out image is noised
@@ -71,7 +72,7 @@ def probe_items(items: list[TrainItem], count: int) -> list[TrainItem]:
 class _Case:
     """One held-out image at its fixed timesteps: inputs and target, ready to compare against."""
 
-    caption: str
+    item: TrainItem
     noisy: torch.Tensor  # [T, C, h, w] float32
     timesteps: torch.Tensor  # [T] long
     target: torch.Tensor  # [T, C, h, w] float32
@@ -94,7 +95,8 @@ class ValidationLoss:
         self._text: dict[str, Any] = {}
         if not encode_text:
             with torch.no_grad():
-                self._text = {c.caption: backbone.encode_prompts([c.caption])[0].detach() for c in self.cases}
+                self._text = {c.item.caption: backbone.encode_prompts([c.item.caption])[0].detach()
+                              for c in self.cases}
 
     def _prepare(self, items: list[TrainItem]) -> list[_Case]:
         backbone = self.backbone
@@ -110,31 +112,37 @@ class ValidationLoss:
                 x0 = backbone.encode_images(load_pixels(item).unsqueeze(0)).float().cpu()
                 x0 = x0.expand(len(steps), *x0.shape[1:])
                 noise = torch.randn(x0.shape, generator=generator)
-                cases.append(_Case(item.caption, add_noise(x0, noise, steps, alphas), steps,
+                cases.append(_Case(item, add_noise(x0, noise, steps, alphas), steps,
                                    training_target(x0, noise, steps, alphas, backbone.prediction_type)))
         return cases
 
-    def _conditioning(self, captions: list[str], device: torch.device) -> Any:
+    def _conditioning(self, item: TrainItem, count: int, device: torch.device) -> Any:
+        """The caption's conditioning, ``count`` times, with the image's size conditioning (SDXL) as in training."""
         if self.encode_text:
-            return self.backbone.encode_prompts(captions)
-        return torch.stack([self._text[c] for c in captions]).to(device)
+            cond = self.backbone.encode_prompts([item.caption] * count)
+        else:
+            cond = torch.stack([self._text[item.caption]] * count).to(device)
+        return self.backbone.add_size_conditioning(cond, [item] * count)
 
     @torch.no_grad()
     def __call__(self, modules: Iterable[nn.Module] = ()) -> float:
-        """The loss now; ``modules`` (the LoRA roots) are put in eval mode for it and restored afterwards."""
+        """The loss now; ``modules`` (the LoRA roots) are put in eval mode for it and restored afterwards.
+
+        The errors add up on the device and are read back once (one host sync per evaluation)."""
         backbone = self.backbone
         device = torch.device(getattr(backbone, "device", "cpu"))
         model_dtype = getattr(backbone, "dtype", torch.float32)
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         with eval_mode(*modules):
             for case in self.cases:
                 for start in range(0, len(case.timesteps), self.chunk):
                     part = slice(start, start + self.chunk)
                     noisy, target, steps = case.noisy[part], case.target[part], case.timesteps[part]
                     with self.autocast():
-                        cond = self._conditioning([case.caption] * len(steps), device)
-                        pred = backbone.predict(noisy.to(device, model_dtype), steps.to(device), cond).float()
-                    errors = F.mse_loss(pred, target.to(device), reduction="none").mean(dim=(1, 2, 3))
-                    total += float(errors.double().sum())
+                        cond = self._conditioning(case.item, len(steps), device)
+                        pred = backbone.predict(to_device(noisy, device).to(model_dtype), to_device(steps, device),
+                                                cond)
+                    errors = F.mse_loss(pred.float(), to_device(target, device), reduction="none").mean(dim=(1, 2, 3))
+                    total += errors.double().sum()
                     count += len(steps)
-        return total / count
+        return float(total) / count

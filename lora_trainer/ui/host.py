@@ -150,15 +150,36 @@ def install_result(host: Host, cfg: TrainConfig, result: Any, backbone: Any) -> 
     return str(installed)
 
 
+class ModelMismatch(UserError):
+    """A run is to be resumed on another checkpoint than the one it was trained on."""
+
+
+def on_loaded_model(host: Host, cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``base_model`` set to the model the host trains on (its loaded checkpoint), so that the LoRA's
+    metadata and the run's identity name the model actually used; unchanged when the host loads none.
+
+    A resume (``resume_from`` set) of a run trained on another checkpoint is refused with the one it needs.
+    """
+    loaded = host.base_model_path()
+    if not loaded:
+        return cfg
+    needed, have = Path(cfg.base_model or loaded).name, Path(loaded).name
+    if cfg.resume_from and needed != have:
+        raise ModelMismatch(f"the run {cfg.output_name!r} was trained on {needed}, but {have} is loaded: pick "
+                            f"{needed} in the checkpoint menu at the top and resume again, or start a new run "
+                            f"on {have}")
+    return dataclasses.replace(cfg, base_model=loaded)
+
+
 def launch_training(host: Host, job: TrainingJob, cfg: TrainConfig, *, background: bool = True) -> None:
     """Start ``cfg`` on ``job`` inside the host's lock, with its model, interrupt flag and progress hook.
 
     Refuses (:class:`~lora_trainer.ui.registry.NameTakenError`) before any work when the LoRA name is taken in
-    the host's Lora folder and ``cfg.overwrite`` is off, so a run cannot end by failing to install its result.
+    the host's Lora folder and ``cfg.overwrite`` is off, so a run cannot end by failing to install its result;
+    and (:class:`ModelMismatch`) a resume on another checkpoint than the run's (see :func:`on_loaded_model`).
     """
     check_name_free(host.lora_dir(), cfg.output_name, cfg.overwrite)
-    if not cfg.base_model:
-        cfg = dataclasses.replace(cfg, base_model=host.base_model_path())  # named in the LoRA's metadata
+    cfg = on_loaded_model(host, cfg)
     job.start(cfg, host.get_backbone, background=background, wrap=host.run_exclusive,
               should_stop=host.interrupted, listener=host.progress,
               on_done=lambda result, backbone: install_result(host, cfg, result, backbone))

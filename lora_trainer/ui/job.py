@@ -93,8 +93,8 @@ class TrainingJob:
         self.model_version: str | None = None
         self.output_name: str | None = None
         self.config: TrainConfig | None = None  # the settings of this run, shown by a page opened during or after it
-        # An unfinished run found on disk that can be resumed: {"output_name", "step", "total_steps", "checkpoint"}.
-        # Nothing sets it yet; whoever finds such a run sets it (with ``config``) and the tab shows it.
+        # An interrupted run on disk that can be resumed ({"output_name", "run_id", "step", "total_steps",
+        # "checkpoint", ...}), set by :meth:`offer_resumable` while nothing runs; the tab and the API show it.
         self.resumable: dict[str, Any] | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -184,6 +184,19 @@ class TrainingJob:
         with self._lock:
             self.lora_file = path
 
+    def offer_resumable(self, entry: dict[str, Any] | None, cfg: TrainConfig | None) -> None:
+        """Show ``entry`` (an interrupted run on disk, or None) as resumable unless a run is in progress.
+
+        While no run has been started in this process (status idle, e.g. after a restart), ``cfg`` (that run's
+        settings) also becomes the job's config, so a page opened now shows them in its form.
+        """
+        with self._lock:
+            if self.status == "running":
+                return
+            self.resumable = dict(entry) if entry else None
+            if self.status == "idle":
+                self.config = cfg
+
     def all_losses(self) -> list[float]:
         with self._lock:
             return list(self.losses)
@@ -256,6 +269,7 @@ class TrainingJob:
              should_stop: Callable[[], bool] | None, on_done: Callable[[Any, Any], str | None] | None) -> None:
         import torch
 
+        from lora_trainer.train.runs import InterruptedRunExists
         from lora_trainer.train.trainer import Trainer
 
         def stop() -> bool:
@@ -287,6 +301,10 @@ class TrainingJob:
         except torch.cuda.OutOfMemoryError:
             _free_memory()
             self._finish("failed", oom_message(cfg))
+        except InterruptedRunExists as err:
+            from lora_trainer.ui.resume import interrupted_run_note
+
+            self._finish("failed", interrupted_run_note(err))
         except (UserError, FileExistsError, FileNotFoundError) as err:
             self._finish("failed", str(err))
         except Exception as err:  # noqa: BLE001 - a bug: keep the traceback on the console, show the message

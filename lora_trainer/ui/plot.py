@@ -27,11 +27,12 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE, *,
+def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE, first_step: int = 1, *,
                      validation: Sequence[Sequence[float]] = (), best_step: int | None = None,
                      alarm_step: int | None = None) -> Image.Image:
     """Loss per step (faint), its moving average (blue), and, when given, the validation loss at its steps
-    (orange, ``(step, loss)`` pairs), the best step (green) and the alarm's step (red)."""
+    (orange, ``(step, loss)`` pairs), the best step (green) and the alarm's step (red). ``first_step`` is the
+    step of the first loss (a resumed run's curve starts after its checkpoint; its earlier evaluations show)."""
     width, height = size
     image = Image.new("RGBA", size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(image)
@@ -46,11 +47,13 @@ def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE,
     low, high = min(shown), max(shown)
     if high - low < 1e-12:
         low, high = low - 0.5, high + 0.5
-    last_step = max(len(values), *(step for step, _ in checks)) if checks else len(values)
-    span_x = max(last_step - 1, 1)
+    marked = [step for step, _ in checks] + [s for s in (best_step, alarm_step) if s]
+    first = min([first_step, *marked])
+    last_step = max([first_step + len(values) - 1, *marked])
+    span_x = max(last_step - first, 1)
 
-    def point(step: int, v: float) -> tuple[float, float]:  # step counts from 1
-        return (left + (right - left) * (step - 1) / span_x, bottom - (bottom - top) * (v - low) / (high - low))
+    def point(step: int, v: float) -> tuple[float, float]:
+        return (left + (right - left) * (step - first) / span_x, bottom - (bottom - top) * (v - low) / (high - low))
 
     def line(series: list[tuple[int, float]], colour: tuple, line_width: int) -> None:
         if len(series) == 1:
@@ -66,8 +69,8 @@ def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE,
                 draw.line([(x, y), (x, min(y + 4, bottom))], fill=colour, width=2)
     window = max(1, len(values) // 20)
     if window > 1:
-        line(list(enumerate(values, start=1)), (150, 150, 150, 150), 1)
-    line(list(enumerate(moving_average(values, window), start=1)), TRAIN, 2)
+        line(list(enumerate(values, start=first_step)), (150, 150, 150, 150), 1)
+    line(list(enumerate(moving_average(values, window), start=first_step)), TRAIN, 2)
     if checks:
         line(checks, VALIDATION, 2)
         for step, loss in checks:
@@ -82,6 +85,6 @@ def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE,
     draw.text((4, top - 4), f"{high:.4f}", fill=GREY)
     draw.text((4, bottom - 8), f"{low:.4f}", fill=GREY)
     draw.text((4, (top + bottom) // 2 - 4), "loss", fill=GREY)
-    draw.text((left, bottom + 6), "step 1", fill=GREY)
+    draw.text((left, bottom + 6), f"step {first}", fill=GREY)
     draw.text((right - 60, bottom + 6), f"step {last_step}", fill=GREY)
     return image

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -11,32 +10,10 @@ from PIL import Image
 
 from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write, atomic_write_text
+from lora_trainer.validation import check_file_name
 
-MAX_NAME = 100
 PREFERRED_WEIGHT = 0.8
-_UNSAFE = re.compile(r"[^A-Za-z0-9 _.\-]")
-_RESERVED = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
-                       *(f"lpt{i}" for i in range(1, 10))})  # device names Windows will not create as files
 _SD_VERSIONS = {"sd_v1": "SD1", "sd1": "SD1", "sd_v2": "SD2", "sd2": "SD2", "sdxl": "SDXL"}
-
-
-def sanitise_name(name: str) -> str:
-    """A safe file stem: path separators and characters outside ``[A-Za-z0-9 _.-]`` become ``_``.
-
-    Leading dots and a trailing ``.safetensors`` are removed; raises :class:`UserError` when nothing is left,
-    the name is a reserved device name (``CON``, ``NUL``, ``COM1``...) or longer than 100 characters.
-    """
-    text = (name or "").strip()
-    if text.lower().endswith(".safetensors"):
-        text = text[: -len(".safetensors")].rstrip()
-    text = _UNSAFE.sub("_", text.replace("/", "_").replace("\\", "_")).lstrip(".").strip()
-    if not text:
-        raise UserError(f"LoRA name {name!r} is empty once unsafe characters are removed; choose another name")
-    if len(text) > MAX_NAME:
-        raise UserError(f"LoRA name is {len(text)} characters long; use at most {MAX_NAME}")
-    if text.split(".")[0].strip().lower() in _RESERVED:
-        raise UserError(f"LoRA name {name!r} is a reserved device name on Windows; choose another name")
-    return text
 
 
 class NameTakenError(UserError):
@@ -44,8 +21,9 @@ class NameTakenError(UserError):
 
 
 def lora_target(lora_dir: str | Path, name: str) -> Path:
-    """``<lora_dir>/<sanitised name>.safetensors``: where :func:`register_lora` installs ``name``."""
-    return Path(lora_dir) / f"{sanitise_name(name)}.safetensors"
+    """``<lora_dir>/<name>.safetensors``: where :func:`register_lora` installs ``name``, which must pass the job
+    validator's file-name rule (so the installed name is exactly the run's ``output_name``, Unicode included)."""
+    return Path(lora_dir) / f"{check_file_name('output_name', name)}.safetensors"
 
 
 def check_name_free(lora_dir: str | Path, name: str, overwrite: bool = False) -> Path:

@@ -21,10 +21,12 @@ from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.safe_yaml import read_yaml_mapping
 from lora_trainer.ui import guide, picker
+from lora_trainer.ui.caption_stop import CAPTION_STOP, CaptionStop
 from lora_trainer.ui.gallery import CaptionGallery
 from lora_trainer.ui.host import Host, job_config, launch_training
 from lora_trainer.ui.job import JobBusyError, TrainingJob, current_job
 from lora_trainer.ui.plot import PLOT_SIZE, render_loss_plot  # noqa: F401 - PLOT_SIZE: the plot's size, as before
+from lora_trainer.ui.resume import refresh_resumable, resume_run
 
 BASIC_ROWS = (("output_name", "trigger_word", "overwrite"), ("lora_rank", "learning_rate", "batch_size"),
               ("max_steps", "epochs", "resolution"),
@@ -56,6 +58,8 @@ GRID_HEIGHT = 640  # px of the epoch grid in the Try it tab (the full picture: i
 PLOT_HEIGHT = GALLERY_HEIGHT + 40  # the image widget's height includes its label; the gallery's does not
 MAX_THUMBNAILS = 60
 CLEAN_HEADERS = ["file", "status", "kind", "reason"]
+CAPTION_BATCH = 4  # images per captioner call: Interrupt is polled between calls, so it acts within seconds
+CAPTION_STOPPING = "Interrupt requested: captioning stops after the current batch and keeps what is written."
 
 
 # ---- config <-> UI values ------------------------------------------------------------------------------------------
@@ -251,20 +255,34 @@ def as_frame(rows: list[list[Any]], headers: list[str]) -> Any:
 
 
 def caption_dataset_ui(host: Host, folder: str, choice: str, model_path: str, trigger: str,
-                       overwrite: bool) -> tuple[str, list[list[str]]]:
-    """Caption the folder (metadata.csv) with the chosen captioner under the host's GPU lock."""
+                       overwrite: bool, *, stop: CaptionStop = CAPTION_STOP) -> tuple[str, list[list[str]]]:
+    """Caption the folder (metadata.csv) with the chosen captioner under the host's GPU lock.
+
+    The tab's Interrupt (``stop``) and the host's (the WebUI's Interrupt) stop it after the current batch of
+    :data:`CAPTION_BATCH` images; the captions written so far are kept.
+    """
     from lora_trainer.caption.run import caption_folder
 
     folder = (folder or "").strip()
     if not folder or not Path(folder).is_dir():
         return f"Image folder {folder!r} does not exist.", []
+
+    def caption() -> Any:
+        with stop.running():
+            return caption_folder(folder, captioner, trigger=trigger or "", fmt="csv", overwrite=bool(overwrite),
+                                  batch_size=CAPTION_BATCH, should_stop=lambda: stop() or host.interrupted())
+
     try:
         captioner = make_ui_captioner(host, choice, model_path)
-        report = host.run_exclusive(lambda: caption_folder(folder, captioner, trigger=trigger or "", fmt="csv",
-                                                           overwrite=bool(overwrite)))
+        report = host.run_exclusive(caption)
     except (UserError, OSError, ValueError) as err:
         return f"Captioning failed: {err}", load_caption_rows(folder)[0]
-    return report.summary(), load_caption_rows(folder)[0]
+    return ("Interrupted: " if report.interrupted else "") + report.summary(), load_caption_rows(folder)[0]
+
+
+def interrupt_caption_ui(stop: CaptionStop = CAPTION_STOP) -> str:
+    """The Caption section's Interrupt: stop captioning after the current batch."""
+    return CAPTION_STOPPING if stop.request() else "Captioning is not running."
 
 
 # ---- settings callbacks -----------------------------------------------------------------------------------------
@@ -350,6 +368,22 @@ def with_message_html(fn: Callable[..., Any], position: int | None = None) -> Ca
     return wrapped
 
 
+def resumable_line(resumable: dict[str, Any]) -> str:
+    """The status panel's line about an interrupted run that the Resume button continues."""
+    get = resumable.get
+    line = (f"Resumable: {get('output_name')} stopped at step {get('step')}/{get('total_steps')} "
+            f"(checkpoint {get('checkpoint')})")
+    if get("saved"):
+        line += f", saved {get('saved')}"
+    if get("base_model"):
+        line += f", trained on {get('base_model')}"
+    line += ". Press Resume to continue it."
+    if get("others"):
+        line += f" ({get('others')} other interrupted run(s) in the output folder: POST /lora-train/v1/jobs/resume " \
+                "with their run_id)"
+    return line
+
+
 def status_html(snap: dict[str, Any], note: str = "") -> str:
     """The status panel; ``data-status`` tells lora_train.js whether to keep polling."""
     esc = html.escape
@@ -378,9 +412,7 @@ def status_html(snap: dict[str, Any], note: str = "") -> str:
         parts.append(f"<div>Saved: {esc(snap['result_path'])}</div>")
     resumable = snap.get("resumable")
     if resumable:
-        parts.append(f'<div class="lora_train_resumable">Resumable: {esc(str(resumable.get("output_name")))} stopped '
-                     f'at step {esc(str(resumable.get("step")))}/{esc(str(resumable.get("total_steps")))} '
-                     f'(checkpoint {esc(str(resumable.get("checkpoint")))})</div>')
+        parts.append(f'<div class="lora_train_resumable">{esc(resumable_line(resumable))}</div>')
     if snap.get("checkpoint") and status != "done":
         parts.append(f"<div>Checkpoint: {esc(snap['checkpoint'])} (resume_from: latest)</div>")
     if note:
@@ -402,12 +434,17 @@ def _sample_images(paths: tuple[str, ...]) -> list[tuple[Image.Image, str]]:
     return out
 
 
-def poll_ui(job: TrainingJob) -> tuple[str, Image.Image, list]:
-    """(status HTML, loss plot with the validation loss, sample images newest first) of the job now."""
+def poll_ui(job: TrainingJob, host: Host | None = None) -> tuple[str, Image.Image, list]:
+    """(status HTML, loss plot with the validation loss, sample images newest first) of the job now; with
+    ``host``, while nothing runs, the status names an interrupted run in its output folder that Resume continues."""
+    if host is not None:
+        refresh_resumable(job, host)
     snap = job.snapshot()
     paths = snap.get("sample_history") or snap["sample_paths"]
+    losses = job.all_losses()
+    first_step = max(int(snap["step"]) - len(losses) + 1, 1)  # after a resume, the steps since its checkpoint
     overfit = snap.get("overfit") or {}
-    plot = render_loss_plot(job.all_losses(), validation=[v[:2] for v in snap.get("validation") or []],
+    plot = render_loss_plot(losses, first_step=first_step, validation=[v[:2] for v in snap.get("validation") or []],
                             best_step=snap.get("best_step"), alarm_step=overfit.get("step"))
     return status_html(snap), plot, _sample_images(tuple(paths))
 
@@ -415,22 +452,43 @@ def poll_ui(job: TrainingJob) -> tuple[str, Image.Image, list]:
 def poll_guided_ui(host: Host, job: TrainingJob, folder: str, picked: str | None = None) -> tuple[Any, ...]:
     """:func:`poll_ui` plus the guide, the validation note, the "try it" line and the epoch picker (``picked``
     stays selected while the run lists it)."""
+    status, plot, samples = poll_ui(job, host)
     snap = job.snapshot()
     prompt = guide.try_it_prompt(snap)
     note, grid, choices, choice = picker.picker_view(snap)
     choice = picked if picked in choices else choice
-    return (*poll_ui(job), *guide.guide_view(host, job, folder), guide.validation_html(snap), prompt or "",
+    return (status, plot, samples, *guide.guide_view(host, job, folder), guide.validation_html(snap), prompt or "",
             prompt is not None, note, grid, choices, choice)
 
 
-def job_form_ui(job: TrainingJob, *values: Any) -> list[Any]:
+def job_form_ui(job: TrainingJob, *values: Any, host: Host | None = None) -> list[Any]:
     """The settings of the job that runs or ran last (finished, interrupted or failed), else ``values``.
 
     A freshly opened page (a reload, a second browser tab) asks once, so its form matches the status below it
-    instead of showing the defaults; a page already open keeps what the user typed.
+    instead of showing the defaults; a page already open keeps what the user typed. With ``host`` and no run
+    yet (after a restart), an interrupted run's settings are shown (see ``refresh_resumable``).
     """
+    if host is not None:
+        refresh_resumable(job, host)
     cfg = job.config
     return config_to_values(cfg) if cfg is not None else list(values)
+
+
+def can_resume(job: TrainingJob) -> bool:
+    """Whether the Resume button is offered: a resumable run is known and nothing runs."""
+    return bool(job.snapshot().get("resumable")) and not job.running
+
+
+def resume_training_ui(host: Host, job: TrainingJob, *values: Any) -> list[Any]:
+    """The Resume button: continue the run the status offers on the loaded model; returns the form (that run's
+    settings once resumed, else ``values``) and the status HTML."""
+    offered = job.snapshot().get("resumable") or {}
+    try:
+        run = resume_run(host, job, offered.get("run_id"))
+    except (UserError, JobBusyError) as err:
+        return [*values, status_html(job.snapshot(), note=f"Not resumed: {err}")]
+    note = f"Resumed {run.output_name!r} from step {run.step}/{run.total_steps}."
+    return [*config_to_values(job.config), status_html(job.snapshot(), note=note)]
 
 
 def start_training_ui(host: Host, job: TrainingJob, *values: Any) -> str:
@@ -445,10 +503,14 @@ def start_training_ui(host: Host, job: TrainingJob, *values: Any) -> str:
     return status_html(job.snapshot(), note="Started.")
 
 
-def interrupt_ui(job: TrainingJob) -> str:
-    note = "Interrupt requested: the run stops after this step and saves a checkpoint." if job.cancel() \
-        else "Nothing is running."
-    return status_html(job.snapshot(), note=note)
+def interrupt_ui(job: TrainingJob, stop: CaptionStop = CAPTION_STOP) -> str:
+    """The Train section's Interrupt: stops the training run, and captioning if that is what runs."""
+    notes = []
+    if job.cancel():
+        notes.append("Interrupt requested: the run stops after this step and saves a checkpoint.")
+    if stop.request():
+        notes.append(CAPTION_STOPPING)
+    return status_html(job.snapshot(), note=" ".join(notes) or "Nothing is running.")
 
 
 # ---- layout -----------------------------------------------------------------------------------------------------
@@ -483,6 +545,7 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
     import gradio as gr
 
     job = job or current_job()
+    refresh_resumable(job, host)  # after a restart, the first page already offers the interrupted run
     cfg, preset = initial_config(host)
     fields: dict[str, Any] = {}
     style = Path(__file__).resolve().parents[2] / "style.css"
@@ -530,7 +593,9 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                                                  elem_id="lora_train_caption_trigger")
                         cap_overwrite = gr.Checkbox(label="Overwrite existing captions", value=False,
                                                     elem_id="lora_train_caption_overwrite")
-                    cap_button = gr.Button("Caption", elem_id="lora_train_caption_button")
+                    with gr.Row():
+                        cap_button = gr.Button("Caption", elem_id="lora_train_caption_button")
+                        cap_stop = gr.Button("Interrupt", elem_id="lora_train_caption_interrupt")
                 gallery = CaptionGallery()
             with gr.Tab("Train", elem_id="lora_train_train_tab") as train_tab:
                 checkpoint = gr.HTML(first_view[2], elem_id="lora_train_checkpoint")
@@ -558,6 +623,8 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                                                           visible=not (host_model and name == "base_model"))
                 with gr.Row():
                     start_button = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
+                    resume_button = gr.Button("Resume", variant="primary", visible=can_resume(job),
+                                              elem_id="lora_train_resume")
                     stop_button = gr.Button("Interrupt", elem_id="lora_train_interrupt")
                     refresh = gr.Button("Refresh", visible=False, elem_id="lora_train_refresh")
                     show_job = gr.Button("Show the last job's settings", visible=False,
@@ -601,6 +668,7 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                                   ).then(show_guide, inputs=[folder], outputs=guide_outputs)
         cap_button.click(caption, inputs=[folder, cap_choice, cap_model, cap_trigger, cap_overwrite],
                          outputs=gallery.outputs()).then(show_guide, inputs=[folder], outputs=guide_outputs)
+        cap_stop.click(with_message_html(interrupt_caption_ui), outputs=[gallery.status], show_progress="hidden")
         writes = gallery.wire(folder, [load_pictures.click, folder.submit], trigger_field=fields["trigger_word"])
         for event in (load_pictures.click, folder.submit, folder.blur, train_tab.select, *(w.then for w in writes)):
             event(show_guide, inputs=[folder], outputs=guide_outputs, show_progress="hidden")
@@ -612,7 +680,17 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
             return gr.update(value=file, visible=file is not None), note
 
         save_yaml.click(with_message_html(save_and_offer, 1), inputs=inputs, outputs=[yaml_out, settings_status])
-        start_button.click(functools.partial(start_training_ui, host, job), inputs=inputs, outputs=[status])
+        def resume_visible() -> Any:
+            return gr.update(visible=can_resume(job))
+
+        def start(*values: Any) -> tuple[str, Any]:
+            return start_training_ui(host, job, *values), resume_visible()
+
+        def resume(*values: Any) -> list[Any]:
+            return [*resume_training_ui(host, job, *values), resume_visible()]
+
+        start_button.click(start, inputs=inputs, outputs=[status, resume_button])
+        resume_button.click(resume, inputs=inputs, outputs=[*inputs, status, resume_button])
         stop_button.click(functools.partial(interrupt_ui, job), outputs=[status])
 
         def poll(folder_value: str, picked: str | None) -> list[Any]:
@@ -620,13 +698,14 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
              prompt, ready, note, grid_value, labels, label) = poll_guided_ui(host, job, folder_value, picked)
             return [status_value, plot_value, sample_values, step_value, advice_value, checkpoint_value,
                     validation_value, prompt, gr.update(visible=ready), note, grid_value,
-                    gr.update(choices=labels, value=label)]
+                    gr.update(choices=labels, value=label), resume_visible()]
 
         poll_outputs = [status, plot, samples, *guide_outputs, validation, try_prompt, try_row, picker_note, grid,
-                        choice]
+                        choice, resume_button]
         refresh.click(poll, inputs=[folder, choice], outputs=poll_outputs, show_progress="hidden")
-        show_job.click(functools.partial(job_form_ui, job), inputs=inputs, outputs=inputs,
-                           show_progress="hidden")
+        show_job.click(functools.partial(job_form_ui, job, host=host), inputs=inputs, outputs=inputs,
+                       show_progress="hidden")
+
         def install_chosen(label: str | None) -> str:
             return message_html(picker.install_snapshot_ui(host, job, label))
 

@@ -36,8 +36,9 @@ def randomize_lora(params: list[nn.Parameter], seed: int = 1, scale: float = 0.1
 def ldm_view(unet: nn.Module) -> nn.Module:
     """A module tree named like the WebUI's LDM ``UNetModel`` (``diffusion_model.input_blocks.1.1...``)
     whose spatial transformers are the diffusers UNet's own modules (shared, not copied)."""
-    blocks = {"input_blocks": nn.ModuleList(nn.Identity() for _ in range(12)),
-              "output_blocks": nn.ModuleList(nn.Identity() for _ in range(12))}
+    count = 3 * len(unet.down_blocks)  # two resnets and a sampler per level (SD1/SD2: 12 blocks, SDXL: 9)
+    blocks = {"input_blocks": nn.ModuleList(nn.Identity() for _ in range(count)),
+              "output_blocks": nn.ModuleList(nn.Identity() for _ in range(count))}
     for b, block in enumerate(unet.down_blocks):
         for i, attn in enumerate(getattr(block, "attentions", None) or []):
             blocks["input_blocks"][1 + 3 * b + i] = nn.ModuleList([nn.Identity(), attn])

@@ -143,3 +143,48 @@ def test_from_kohya_accepts_ldm_names_and_rejects_unknown_keys(tiny_components):
     with pytest.raises(ValueError, match="rank 2 in the file, 4"):
         from_kohya_state_dict({f"lora_unet_input_blocks_1_1_{Q}.lora_down.weight": torch.zeros(2, 32),
                                f"lora_unet_input_blocks_1_1_{Q}.lora_up.weight": torch.zeros(32, 2)}, roots)
+
+
+# ---- SDXL, and what the WebUI makes of the names ----------------------------------------------------------------
+def test_sdxl_names_from_diffusers_and_ldm_trees_agree(_tiny_sdxl_components):
+    import copy
+
+    unet = copy.deepcopy(_tiny_sdxl_components["unet"])
+    diffusers_roots = {"lora_unet": unet}
+    inject(diffusers_roots)
+    ldm_roots = {"lora_unet": ldm_view(copy.deepcopy(_tiny_sdxl_components["unet"]))}
+    inject(ldm_roots)
+    keys = set(to_kohya_state_dict(diffusers_roots, 2.0))
+    assert keys == set(to_kohya_state_dict(ldm_roots, 2.0))
+    for name in ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_down_blocks_2_attentions_1_transformer_blocks_1_ff_net_2",
+                 "lora_unet_mid_block_attentions_0_transformer_blocks_1_attn2_to_k",
+                 "lora_unet_up_blocks_0_attentions_2_proj_in",
+                 "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_out_0"):
+        assert f"{name}.lora_down.weight" in keys, name
+    assert not any(k.startswith(("lora_unet_down_blocks_0_", "lora_unet_up_blocks_2_")) for k in keys)  # no attention
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_every_key_matches_a_webui_module_of_the_right_shape(family, _tiny_components, _tiny_sdxl_components):
+    """The WebUI's own name resolution, against the module names of the model it loads from the single file."""
+    import copy
+
+    from lora_trainer.models.ldm_checkpoint import diffusers_to_ldm_state_dict, sdxl_to_ldm_state_dict
+    from tests.lora.webui_names import unmatched_keys
+
+    if family == "sd1":
+        c = {k: copy.deepcopy(v) for k, v in _tiny_components.items() if k != "tokenizer"}
+        checkpoint = diffusers_to_ldm_state_dict(c["unet"], c["vae"], c["text_encoder"])
+        roots = {"lora_unet": c["unet"], "lora_te": c["text_encoder"]}
+    else:
+        c = {k: copy.deepcopy(v) for k, v in _tiny_sdxl_components.items() if not k.startswith("tokenizer")}
+        checkpoint = sdxl_to_ldm_state_dict(c["unet"], c["vae"], c["text_encoder"], c["text_encoder_2"])
+        roots = {"lora_unet": c["unet"], "lora_te1": c["text_encoder"], "lora_te2": c["text_encoder_2"]}
+    inject(roots)
+    state = to_kohya_state_dict(roots, 2.0)
+    prefixes = {k.split("_text_model")[0] for k in state if "_text_model" in k}
+    assert prefixes == ({"lora_te"} if family == "sd1" else {"lora_te1", "lora_te2"})
+    assert unmatched_keys(state, checkpoint) == []
+    broken = {k.replace("attn1", "attn9"): v for k, v in state.items()}  # the check does catch bad names
+    assert unmatched_keys(broken, checkpoint)

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from lora_trainer.models.loading import ModelLoadError, load_backbone
+from tests.models.helpers import copy_checkpoint
 
 PROMPT = "a red circle on a blue background"
 
@@ -44,15 +45,6 @@ def _assert_same_model(backbone, components: dict, *, atol: float = 1e-5, text: 
         assert torch.equal(ids, want_ids)
         torch.testing.assert_close(backbone.encode_prompts([PROMPT]), components["text_encoder"](ids)[0],
                                    atol=atol, rtol=0)
-
-
-def _copy_checkpoint(checkpoint: Path, folder: Path, name: str, *, with_yaml: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}.safetensors"
-    shutil.copyfile(checkpoint, target)
-    if with_yaml:
-        shutil.copyfile(checkpoint.with_suffix(".yaml"), target.with_suffix(".yaml"))
-    return target
 
 
 def test_single_file_round_trip_reproduces_the_tiny_model(tiny_checkpoint: Path, tiny_components: dict) -> None:
@@ -95,7 +87,7 @@ def test_tiny_checkpoint_has_the_ldm_layout_and_a_loadable_clip_folder(tiny_chec
 
 def test_without_yaml_the_sizes_come_from_the_weights(tiny_checkpoint: Path, tiny_components: dict,
                                                      tmp_path: Path) -> None:
-    bare = _copy_checkpoint(tiny_checkpoint, tmp_path, "bare", with_yaml=False)
+    bare = copy_checkpoint(tiny_checkpoint, tmp_path, "bare", with_yaml=False)
     backbone = load_backbone(bare)
     assert (backbone.model_version, backbone.prediction_type) == ("sd_v1", "epsilon")
     _assert_same_model(backbone, tiny_components)
@@ -129,7 +121,7 @@ def test_a_pickle_with_code_is_refused(tmp_path: Path) -> None:
 
 
 def test_yaml_parameterization_v_and_schedule(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    model = _copy_checkpoint(tiny_checkpoint, tmp_path, "vpred")
+    model = copy_checkpoint(tiny_checkpoint, tmp_path, "vpred")
     config = yaml.safe_load(model.with_suffix(".yaml").read_text())
     config["model"]["params"].update(parameterization="v", linear_start=0.001, linear_end=0.02)
     model.with_suffix(".yaml").write_text(yaml.safe_dump(config))
@@ -141,7 +133,7 @@ def test_yaml_parameterization_v_and_schedule(tiny_checkpoint: Path, tmp_path: P
 
 
 def test_a_yaml_that_does_not_fit_the_weights_is_reported(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    model = _copy_checkpoint(tiny_checkpoint, tmp_path, "wrong")
+    model = copy_checkpoint(tiny_checkpoint, tmp_path, "wrong")
     config = yaml.safe_load(model.with_suffix(".yaml").read_text())
     config["model"]["params"]["unet_config"]["params"]["num_res_blocks"] = 1
     model.with_suffix(".yaml").write_text(yaml.safe_dump(config))
@@ -150,33 +142,13 @@ def test_a_yaml_that_does_not_fit_the_weights_is_reported(tiny_checkpoint: Path,
 
 
 # ---- SD2 (OpenCLIP text tower) -------------------------------------------------------------------------------
-def _open_clip_state(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel's weights in OpenCLIP's layout (``cond_stage_model.model.*``), as SD2 checkpoints hold."""
-    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
-    p = "cond_stage_model.model."
-    hidden = sd["embeddings.token_embedding.weight"].shape[1]
-    out = {p + "token_embedding.weight": sd["embeddings.token_embedding.weight"],
-           p + "positional_embedding": sd["embeddings.position_embedding.weight"],
-           p + "ln_final.weight": sd["final_layer_norm.weight"], p + "ln_final.bias": sd["final_layer_norm.bias"],
-           p + "text_projection": torch.randn(hidden, hidden), p + "logit_scale": torch.tensor(4.6)}
-    for i in range(text_encoder.config.num_hidden_layers):
-        src, dst = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[dst + f"attn.in_proj_{kind}"] = torch.cat(
-                [sd[src + f"self_attn.{n}_proj.{kind}"] for n in ("q", "k", "v")])
-            for new, old in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
-                             ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
-                out[dst + f"{new}.{kind}"] = sd[src + f"{old}.{kind}"]
-    return out
-
-
 @pytest.fixture
 def tiny_sd2(tiny_checkpoint: Path, tmp_path: Path) -> tuple[Path, dict]:
     """A tiny SD2-layout checkpoint (linear attention projections, 3-block OpenCLIP text tower) + its parts."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_trainer.models.ldm_checkpoint import unet_to_ldm, vae_to_ldm
+    from lora_trainer.models.ldm_checkpoint import text_encoder_to_open_clip, unet_to_ldm, vae_to_ldm
     from lora_trainer.models.tiny import tiny_clip_config, tiny_unet_config, tiny_vae_config
 
     torch.manual_seed(3)
@@ -184,7 +156,9 @@ def tiny_sd2(tiny_checkpoint: Path, tmp_path: Path) -> tuple[Path, dict]:
     vae = AutoencoderKL(**tiny_vae_config()).eval()
     text_encoder = CLIPTextModel(CLIPTextConfig(**{**tiny_clip_config(), "num_hidden_layers": 3,
                                                    "hidden_act": "gelu"})).eval()
-    state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **_open_clip_state(text_encoder)}
+    state = {**unet_to_ldm(unet), **vae_to_ldm(vae),
+             **text_encoder_to_open_clip(text_encoder, "cond_stage_model.model."),
+             "cond_stage_model.model.text_projection": torch.randn(32, 32)}  # in SD2 files; unused by SD2
     model = tmp_path / "sd2" / "tiny-sd2.safetensors"
     model.parent.mkdir()
     save_file({k: v.contiguous() for k, v in state.items()}, str(model))
@@ -268,13 +242,13 @@ def test_unknown_extension_and_unreadable_files(tmp_path: Path) -> None:
         load_backbone(tmp_path)
 
 
-def test_sdxl_checkpoint_is_sent_to_the_webui_tab(tmp_path: Path) -> None:
+def test_a_partial_sdxl_file_is_reported(tmp_path: Path) -> None:
     model = tmp_path / "sdxl.safetensors"
     save_file({"conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 8),
                "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight":
                    torch.zeros(77, 8),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)}, str(model))
-    with pytest.raises(ModelLoadError, match=r"sdxl\.safetensors is an SDXL checkpoint.*WebUI tab for now"):
+    with pytest.raises(ModelLoadError, match=r"sdxl\.safetensors looks like an SDXL checkpoint but has no VAE"):
         load_backbone(model)
 
 
@@ -284,12 +258,12 @@ def test_unrecognised_keys_are_reported(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError) as info:
         load_backbone(model)
     message = str(info.value)
-    assert "garbage.safetensors is not a Stable Diffusion 1.x/2.x checkpoint" in message
+    assert "garbage.safetensors is not a Stable Diffusion 1.x/2.x/SDXL checkpoint" in message
     assert "model.diffusion_model." in message and "bar.bias" in message
 
 
 def test_yaml_for_another_model_family_is_reported(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    model = _copy_checkpoint(tiny_checkpoint, tmp_path, "mixed")
+    model = copy_checkpoint(tiny_checkpoint, tmp_path, "mixed")
     config = copy.deepcopy(yaml.safe_load(model.with_suffix(".yaml").read_text()))
     config["model"]["params"]["cond_stage_config"]["target"] = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
     model.with_suffix(".yaml").write_text(yaml.safe_dump(config))
@@ -306,6 +280,29 @@ def test_tokenizer_unavailable_propagates(tiny_checkpoint: Path, tmp_path: Path,
     monkeypatch.setattr(tokenizer, "default_cache_dir", lambda: tmp_path / "empty-cache")
     monkeypatch.setattr(tokenizer, "find_open_clip_vocab", no_vocab)
     monkeypatch.setattr(tokenizer, "find_hub_clip_tokenizer", lambda: None)
-    bare = _copy_checkpoint(tiny_checkpoint, tmp_path / "bare", "bare", with_yaml=False)
+    bare = copy_checkpoint(tiny_checkpoint, tmp_path / "bare", "bare", with_yaml=False)
     with pytest.raises(tokenizer.TokenizerUnavailable, match="no CLIP tokenizer is available offline"):
         load_backbone(bare)
+
+
+def test_sd2_768_v_without_yaml_trains_v_with_v_parameterization(tiny_sd2: tuple[Path, dict], shapes_dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    """kohya's v_parameterization: a 768-v model whose file says nothing about it trains v-prediction."""
+    from safetensors import safe_open
+
+    from lora_trainer.config import config_from_dict
+    from lora_trainer.train.trainer import Trainer
+
+    model, _ = tiny_sd2
+    model.with_suffix(".yaml").unlink()
+    cfg = config_from_dict({"train_data_dir": str(shapes_dataset), "base_model": str(model), "resolution": 64,
+                            "output_dir": str(tmp_path / "out"), "max_steps": 1, "lora_rank": 2, "device": "cpu",
+                            "v_parameterization": True})
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    assert trainer.backbone.model_version == "sd_v2" and trainer.backbone.prediction_type == "v_prediction"
+    assert trainer.backbone.noise_scheduler.config.prediction_type == "v_prediction"
+    with safe_open(str(result.lora_path), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert (metadata["ss_v2"], metadata["ss_v_parameterization"]) == ("True", "True")

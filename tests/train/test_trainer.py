@@ -9,10 +9,9 @@ import torch
 from safetensors import safe_open
 
 from lora_trainer.config import config_from_dict
-from lora_trainer.data.dataset import load_pixels, scan_dataset
 from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, StepEvent
-from lora_trainer.train.noise import add_noise, training_target
 from lora_trainer.train.trainer import Trainer
+from tests.train.helpers import fixed_eval_loss
 
 
 def make_config(data: Path, out: Path, **overrides):
@@ -24,25 +23,6 @@ def make_config(data: Path, out: Path, **overrides):
     }
     settings.update(overrides)
     return config_from_dict(settings)
-
-
-@torch.no_grad()
-def fixed_eval_loss(backbone, folder: Path) -> float:
-    """Denoising loss on the data set at fixed noise and timesteps: comparable before and after training."""
-    items = scan_dataset(folder, resolution=64).items
-    torch.manual_seed(0)
-    x0 = backbone.encode_images(torch.stack([load_pixels(item) for item in items])).float()
-    cond = backbone.encode_prompts([item.caption for item in items])
-    gen = torch.Generator().manual_seed(123)
-    total = 0.0
-    for t in (50, 250, 450, 650, 850):
-        noise = torch.randn(x0.shape, generator=gen)
-        timesteps = torch.full((x0.shape[0],), t, dtype=torch.long)
-        noisy = add_noise(x0, noise, timesteps, backbone.alphas_cumprod)
-        pred = backbone.predict(noisy, timesteps, cond)
-        target = training_target(x0, noise, timesteps, backbone.alphas_cumprod, backbone.prediction_type)
-        total += torch.nn.functional.mse_loss(pred, target).item()
-    return total / 5
 
 
 def test_loss_falls_when_fitting_a_few_images(make_tiny_backbone, shapes_dataset, tmp_path):

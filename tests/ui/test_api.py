@@ -21,8 +21,13 @@ def basic(user: str, password: str) -> str:
 class FakeJob:
     """Records calls; ``busy`` makes start refuse like a running TrainingJob."""
 
+    config = None  # no run yet: refresh_resumable looks in the host's output folder only
+
     def __init__(self, busy: bool = False, running: bool = False) -> None:
         self.busy, self.running, self.started, self.cancelled = busy, running, [], 0
+
+    def offer_resumable(self, entry, cfg) -> None:
+        assert entry is None and cfg is None, "these tests have no interrupted run on disk"
 
     def start(self, cfg, factory, **kwargs):
         if self.busy:
@@ -124,6 +129,7 @@ def test_registered_routes_enforce_auth(tmp_path):
     assert bad_json.status_code == 400
     assert client.post("/lora-train/v1/jobs/current/cancel", headers=ok).status_code == 409
     assert client.post("/lora-train/v1/jobs/current/cancel").status_code == 401
+    assert client.post("/lora-train/v1/jobs/resume", json={}).status_code == 401
 
 
 # ---- the routes as a browser or an attacker reaches them -------------------------------------------------------------
@@ -150,9 +156,14 @@ def test_a_text_plain_post_is_refused_before_any_work(tmp_path):
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
         response = client.post(JOBS, content=body, headers={"Content-Type": content_type})
         assert response.status_code == 415 and "application/json" in response.json()["error"]
+        response = client.post(f"{JOBS}/resume", content=b"{}", headers={"Content-Type": content_type})
+        assert response.status_code == 415
+    assert client.post(f"{JOBS}/resume").status_code == 415  # no body still needs the JSON type: no form post
     assert not job.started
     response = client.post(JOBS, content=body, headers={"Content-Type": "application/json; charset=utf-8"})
     assert response.status_code == 202 and len(job.started) == 1
+    response = client.post(f"{JOBS}/resume", headers={"Content-Type": "application/json"})  # {}: nothing here
+    assert response.status_code == 404 and "no interrupted run to resume" in response.json()["error"]
 
 
 @needs_fastapi
@@ -165,6 +176,7 @@ def test_a_foreign_origin_is_refused_on_every_route(tmp_path):
         assert client.post(JOBS, json=payload, headers=headers).status_code == 403
         assert client.get(f"{JOBS}/current", headers=headers).status_code == 403
         assert client.post(f"{JOBS}/current/cancel", headers=headers).status_code == 403
+        assert client.post(f"{JOBS}/resume", json={}, headers=headers).status_code == 403
     assert not job.started and job.cancelled == 0
     own = {"Origin": "http://testserver", "Referer": "http://testserver/"}  # the TestClient's Host
     assert client.post(f"{JOBS}/current/cancel", headers=own).status_code == 200
@@ -198,6 +210,8 @@ def test_oversized_and_deeply_nested_bodies_are_refused(tmp_path):
     huge = json.dumps({"train_data_dir": str(tmp_path), "trigger_word": "x" * (5 << 20)})
     response = client.post(JOBS, content=huge, headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and "KiB" in response.json()["error"]
+    response = client.post(f"{JOBS}/resume", content=huge, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
     deep = '{"sample_prompts": ' + "[" * 10_000 + "]" * 10_000 + "}"  # 20 KB: under the size limit
     response = client.post(JOBS, content=deep, headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and "nests deeper" in response.json()["error"]

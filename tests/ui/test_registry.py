@@ -1,4 +1,4 @@
-"""Installing a trained LoRA into the Lora folder: safe names, preview, user-metadata sidecar."""
+"""Installing a trained LoRA into the Lora folder: the validated name, preview, user-metadata sidecar."""
 
 from __future__ import annotations
 
@@ -7,27 +7,37 @@ import json
 import pytest
 from PIL import Image
 
+from lora_trainer.config import config_from_dict
 from lora_trainer.errors import UserError
-from lora_trainer.ui.registry import NameTakenError, check_name_free, register_lora, sanitise_name, webui_sd_version
+from lora_trainer.ui.registry import NameTakenError, check_name_free, register_lora, webui_sd_version
+from lora_trainer.validation import ConfigError
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("  my style  ", "my style"),
-    ("../../etc/passwd", "_.._etc_passwd"),
-    ("a\\b/c", "a_b_c"),
-    ("héllo:wörld?*", "h_llo_w_rld__"),
-    ("...hidden", "hidden"),
-    ("name.safetensors", "name"),
-    ("v1.5-char_01", "v1.5-char_01"),
-])
-def test_sanitise_name(raw, expected):
-    assert sanitise_name(raw) == expected
+@pytest.mark.parametrize("name", ["キャラ_v1", "café-style", "my style", "v1.5-char_01", "日本語のスタイル (v2)"])
+def test_the_installed_name_is_the_output_name(tmp_path, name):
+    """Unicode letters and digits are kept: ``<lora:name:0.8>`` matches the name the user gave."""
+    assert config_from_dict({"output_name": name}, require=False).output_name == name
+    trained = tmp_path / "trained.safetensors"
+    trained.write_bytes(b"lora-bytes")
+    installed = register_lora(trained, tmp_path / "Lora", name)
+    assert installed == tmp_path / "Lora" / f"{name}.safetensors" and installed.stem == name
+    assert sorted(p.name for p in installed.parent.iterdir()) == sorted([f"{name}.json", f"{name}.safetensors"])
 
 
-@pytest.mark.parametrize("raw", ["", "   ", "...", "x" * 101, "CON", "nul.txt", "com1", "LPT9"])
-def test_sanitise_name_rejects(raw):
-    with pytest.raises(UserError):
-        sanitise_name(raw)
+@pytest.mark.parametrize("name", ["", "   ", "...", "x" * 101, "CON", "nul.txt", "com1", "LPT9", "../../etc/passwd",
+                                  "a\\b", "a/b", ".hidden", "name.safetensors", "what?", "a:b", "rtl\u202egnp.exe",
+                                  "zero\u200bwidth", "line\u2028break", "tab\tname"])
+def test_names_the_validator_refuses_are_not_installed(tmp_path, name):
+    """One rule: whatever ``config_from_dict`` refuses, the registry refuses, and writes nothing."""
+    with pytest.raises(ConfigError, match="^output_name: "):
+        config_from_dict({"output_name": name}, require=False)
+    trained = tmp_path / "trained.safetensors"
+    trained.write_bytes(b"lora-bytes")
+    with pytest.raises(ConfigError, match="^output_name: "):
+        register_lora(trained, tmp_path / "Lora", name)
+    with pytest.raises(ConfigError, match="^output_name: "):
+        check_name_free(tmp_path / "Lora", name)
+    assert not (tmp_path / "Lora").exists()
 
 
 def test_webui_sd_version():
@@ -43,7 +53,7 @@ def test_register_writes_lora_preview_and_sidecar(tmp_path):
     Image.new("RGB", (16, 16), (200, 10, 10)).save(sample)
     lora_dir = tmp_path / "models" / "Lora"
 
-    path = register_lora(trained, lora_dir, "my/char", trigger_word=" zkchar ", sd_version="sd_v1",
+    path = register_lora(trained, lora_dir, "my_char", trigger_word=" zkchar ", sd_version="sd_v1",
                          preview=sample, description="a test")
     assert path == lora_dir / "my_char.safetensors" and path.read_bytes() == b"lora-bytes"
     with Image.open(lora_dir / "my_char.preview.png") as preview:
@@ -76,8 +86,8 @@ def test_register_in_place_and_missing_source(tmp_path):
 
 
 def test_check_name_free_before_training(tmp_path):
-    assert check_name_free(tmp_path, "a/b") == tmp_path / "a_b.safetensors"
-    (tmp_path / "a_b.safetensors").write_bytes(b"old")
-    with pytest.raises(NameTakenError, match="'a_b' already exists.*overwrite"):
-        check_name_free(tmp_path, "a/b")
-    assert check_name_free(tmp_path, "a/b", overwrite=True) == tmp_path / "a_b.safetensors"
+    assert check_name_free(tmp_path, "キャラ_v1") == tmp_path / "キャラ_v1.safetensors"
+    (tmp_path / "キャラ_v1.safetensors").write_bytes(b"old")
+    with pytest.raises(NameTakenError, match="'キャラ_v1' already exists.*overwrite"):
+        check_name_free(tmp_path, "キャラ_v1")
+    assert check_name_free(tmp_path, "キャラ_v1", overwrite=True) == tmp_path / "キャラ_v1.safetensors"

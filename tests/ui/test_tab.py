@@ -157,6 +157,70 @@ def test_caption_with_a_host_captioner(tmp_path):
     assert "unknown captioner" in status
 
 
+class SlowCaptioningHost(FakeHost):
+    """A host captioner that waits after its first batch until told to go on (while the test presses Interrupt)."""
+
+    def __init__(self, lora_dir, webui_interrupt=False):
+        super().__init__(lora_dir)
+        self.batches: list[int] = []
+        self.first_batch_done, self.go_on = threading.Event(), threading.Event()
+        self.webui_interrupt = webui_interrupt
+
+    def interrupted(self):
+        return self.webui_interrupt and len(self.batches) >= 1
+
+    def caption_with_host(self, name, images):
+        self.batches.append(len(images))
+        if len(self.batches) == 1:
+            self.first_batch_done.set()
+            assert self.go_on.wait(60)
+        return super().caption_with_host(name, images)
+
+
+def caption_images(folder, count=10):
+    folder.mkdir()
+    for i in range(count):
+        Image.new("RGB", (40, 40), (i * 20, 0, 0)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("button", ["train", "caption"])
+def test_interrupt_stops_captioning_after_the_current_batch(tmp_path, button):
+    """The tab's Interrupt (either button) reaches the captioner: one batch of 4 is done, the rest are left."""
+    folder = caption_images(tmp_path / "imgs")
+    host = SlowCaptioningHost(tmp_path / "Lora")
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(
+        tab.caption_dataset_ui(host, str(folder), "Fake captioner", "", "zkx", False)))
+    worker.start()
+    assert host.first_batch_done.wait(60)
+    note = tab.interrupt_ui(TrainingJob()) if button == "train" else tab.interrupt_caption_ui()
+    assert tab.CAPTION_STOPPING in note
+    host.go_on.set()
+    worker.join(60)
+    status, rows = result[0]
+    assert host.batches == [tab.CAPTION_BATCH] == [4]
+    assert status.startswith("Interrupted: captioned 4,") and "interrupted after 4 of 10 image(s)" in status
+    assert [caption for _, caption in rows].count("") == 6
+    assert len(read_metadata_csv(folder / "metadata.csv")) == 4  # what was done is kept
+
+
+def test_the_webui_interrupt_stops_captioning(tmp_path):
+    folder = caption_images(tmp_path / "imgs")
+    host = SlowCaptioningHost(tmp_path / "Lora", webui_interrupt=True)
+    host.go_on.set()
+    status, _ = tab.caption_dataset_ui(host, str(folder), "Fake captioner", "", "", False)
+    assert host.batches == [4] and status.startswith("Interrupted: captioned 4,")
+
+
+def test_an_interrupt_while_nothing_runs_is_not_kept_for_the_next_captioning(tmp_path):
+    folder = caption_images(tmp_path / "imgs")
+    assert tab.interrupt_caption_ui() == "Captioning is not running."
+    assert "Nothing is running." in tab.interrupt_ui(TrainingJob())
+    status, rows = tab.caption_dataset_ui(FakeHost(tmp_path / "Lora"), str(folder), "Fake captioner", "", "", False)
+    assert status.startswith("captioned 10,") and all(caption for _, caption in rows)
+
+
 def test_clean_reports_and_shows_dropped_images(tmp_path):
     folder = tmp_path / "raw"
     folder.mkdir()
@@ -317,7 +381,8 @@ def test_build_tab_returns_blocks(tmp_path):
                  "lora_train_load_pictures", "lora_train_card_caption_11", "lora_train_card_tags_0",
                  "lora_train_add_trigger", "lora_train_replace_all", "lora_train_checkpoint", "lora_train_try_prompt",
                  "lora_train_send", "lora_train_validation", "lora_train_grid", "lora_train_snapshot",
-                 "lora_train_install_snapshot", "lora_train_cfg_validation_split"):
+                 "lora_train_install_snapshot", "lora_train_cfg_validation_split", "lora_train_resume",
+                 "lora_train_caption_interrupt", "lora_train_caption_status"):
         assert elem in ids
     assert all(elem.startswith("lora_train_") for elem in ids if elem)
 

@@ -1,0 +1,75 @@
+"""Run a training script with a clock on its optimizer: prints ``STEP_CLOCK <unix time>`` after every
+``torch.optim.AdamW.step`` (both trainers use it), so steps are timed the same way for any trainer.
+
+    python benchmarks/step_clock.py [--unet-width N] -- script.py ARGS...   # a script (kohya's train_network.py)
+    python benchmarks/step_clock.py -- -m lora_trainer train --config c.yaml  # a module
+
+``--unet-width`` sets kohya sd-scripts' SD1.5 UNet width constants (320 in its code) before the script runs, so
+that it can load the mid-size benchmark checkpoint; nothing else of the script is touched. ``--torchvision-shim``
+declares the two operators torchvision's import needs when its compiled part cannot load (PyPI's torchvision is
+built for CUDA torch; kohya imports only ``torchvision.transforms`` from it, which is plain Python).
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+import time
+from pathlib import Path
+
+
+def _clock_optimizer() -> None:
+    import torch
+
+    step = torch.optim.AdamW.step
+
+    def timed(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        print(f"STEP_CLOCK {time.time():.3f}", file=sys.stderr, flush=True)
+        return out
+
+    torch.optim.AdamW.step = timed
+
+
+def _kohya_unet_width(width: int) -> None:
+    import library.model_util as model_util
+    import library.original_unet as original_unet
+
+    original_unet.BLOCK_OUT_CHANNELS = (width, width * 2, width * 4, width * 4)
+    original_unet.TIMESTEP_INPUT_DIM = width
+    original_unet.TIME_EMBED_DIM = width * 4
+    model_util.UNET_PARAMS_MODEL_CHANNELS = width
+
+
+def _torchvision_shim() -> None:
+    import torch
+
+    global _SHIM  # kept alive: the operator definitions live as long as the Library object
+    _SHIM = torch.library.Library("torchvision", "DEF")
+    for name in ("nms", "qnms"):
+        _SHIM.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    split = args.index("--")
+    options, target = args[:split], args[split + 1:]
+    _clock_optimizer()
+    if "--torchvision-shim" in options:
+        _torchvision_shim()
+    if target[0] != "-m":
+        sys.path.insert(0, str(Path(target[0]).resolve().parent))
+    if "--unet-width" in options:
+        width = int(options[options.index("--unet-width") + 1])
+        if width != 320:
+            _kohya_unet_width(width)
+    if target[0] == "-m":
+        sys.argv = [target[1], *target[2:]]
+        runpy.run_module(target[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = target
+        runpy.run_path(target[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Checkpoint tensors into modules without ever holding the model twice.
+
+A ``.safetensors`` file is memory-mapped: its tensors cost nothing until read. Modules are built on the meta
+device (accelerate's ``init_empty_weights``: parameters without storage, buffers real), then filled with
+``load_state_dict(assign=True)``: each parameter *becomes* a tensor read from the file, in the training dtype on
+the training device; nothing is allocated twice. The file is read in chunks of a few MB, each through its own
+mapping that is dropped once its tensors are copied out, so besides the model only one chunk of the file is
+ever resident. The weights are copied out even when no conversion is needed: a file's tensors sit at arbitrary
+byte offsets, CPU kernels round differently on unaligned data, and a mapped file changed on disk would crash
+the run.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from lora_trainer.errors import UserError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+EXPECTED = ("expected a Stable Diffusion 1.x/2.x/SDXL single-file checkpoint (.safetensors, .ckpt or .pt) "
+            "or a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/)")
+M = TypeVar("M", bound=nn.Module)
+
+
+class ModelLoadError(UserError):
+    """A base model file or folder that cannot be loaded; the message names the file and what was expected."""
+
+
+def listed(keys: list[str], limit: int = 6) -> str:
+    """``a, b, c (and 4 more)``."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    """``torch.load`` of plain weights only; memory-mapped when the file is in the zip format."""
+    try:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # the legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(error):
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ModelLoadError(
+            f"{path}: refused to unpickle it: the file holds Python objects other than tensors, and loading "
+            f"them could run arbitrary code. Only plain weights are read (torch.load(weights_only=True)). "
+            f"Convert the checkpoint to .safetensors with a tool you trust, or use a .safetensors "
+            f"version of this model. (torch said: {str(error).splitlines()[0]})") from error
+    except Exception as error:
+        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
+
+
+def _only_tensors(path: Path, data: Any) -> dict[str, torch.Tensor]:
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a {type(data).__name__}, not a dictionary of weights; {EXPECTED}")
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _meta_tensor(view: Any) -> torch.Tensor:
+    """A tensor with the shape and dtype of a safetensors slice and no data."""
+    return torch.empty(view.get_shape(), dtype=_DTYPES.get(view.get_dtype(), torch.uint8), device="meta")
+
+
+class CheckpointFile:
+    """The tensors of a ``.safetensors`` / ``.ckpt`` / ``.pt`` file (a ``state_dict`` wrapper is unwrapped).
+
+    :attr:`index` maps every name to a tensor with its shape and dtype (for ``.safetensors``, meta tensors made
+    from the header: no data read); :meth:`tensors` reads the tensors under a prefix.
+    """
+
+    CHUNK_BYTES = 8 * 2**20
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        suffix = path.suffix.lower()
+        if suffix not in CHECKPOINT_SUFFIXES:
+            raise ModelLoadError(f"{path}: unknown file type {suffix or '(none)'!r}; {EXPECTED}")
+        self.is_safetensors = suffix == ".safetensors"
+        self._loaded: dict[str, torch.Tensor] | None = None
+        self.index = self._read()
+        if not self.is_safetensors:
+            self._loaded = self.index
+
+    def _read(self, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor (``names`` None: as meta tensors, from the header alone) or the tensors in ``names``."""
+        if not self.is_safetensors:
+            return _only_tensors(self.path, _torch_load(self.path))
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                if names is None:  # creating real tensors would page in part of the file
+                    return {k: _meta_tensor(handle.get_slice(k)) for k in handle.keys()}
+                return {k: handle.get_tensor(k) for k in handle.keys() if k in names}
+        except Exception as error:  # safetensors raises its own error types (and OSError) for bad files
+            raise ModelLoadError(f"{self.path} is not a readable .safetensors file ({error})") from error
+
+    def tensors(self, *prefixes: str, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Copies of every tensor whose name starts with one of ``prefixes`` (names unchanged), floating point
+        in ``dtype``, on ``device``; read in chunks of about :attr:`CHUNK_BYTES`, each through its own mapping."""
+        device = torch.device(device)
+        names = sorted(k for k in self.index if k.startswith(prefixes))
+        if self._loaded is not None:
+            return {k: _copied(self._loaded[k], device, dtype) for k in names}
+        chunks: list[set[str]] = [set()]
+        size = 0
+        for name in names:
+            if size >= self.CHUNK_BYTES:
+                chunks.append(set())
+                size = 0
+            chunks[-1].add(name)
+            size += self.index[name].numel() * self.index[name].element_size()
+        out: dict[str, torch.Tensor] = {}
+        for chunk in filter(None, chunks):
+            out.update({k: _copied(v, device, dtype) for k, v in self._read(chunk).items()})
+        return out
+
+
+@contextmanager
+def empty_modules() -> Iterator[None]:
+    """Build modules on the meta device: parameters take no memory and are not initialised; buffers are real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def build_empty(factory: Callable[[], M]) -> M:
+    """``factory()`` with its parameters on the meta device (see :func:`empty_modules`)."""
+    with empty_modules():
+        return factory()
+
+
+def _copied(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor in ``dtype`` (floating point only) on ``device``."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+
+
+def fill_module(module: nn.Module, weights: dict[str, torch.Tensor], *, what: str, source: Path,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """Make ``weights`` the parameters of an empty ``module`` (assigned, not copied), in ``dtype`` on ``device``.
+
+    Every parameter must be filled and every weight used (``position_ids`` buffers excepted: the module has
+    its own); otherwise a :class:`ModelLoadError` names what is missing or left over.
+    """
+    device = torch.device(device)
+    weights = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)  # no copy when in place
+               for k, v in weights.items() if not k.endswith("position_ids")}
+    try:
+        missing, unexpected = module.load_state_dict(weights, strict=False, assign=True)
+    except RuntimeError as error:  # shape mismatches
+        raise ModelLoadError(f"{source}: the {what} weights do not fit the architecture described by its "
+                             f"config: {str(error).splitlines()[-1].strip()}") from error
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+    if missing or unexpected:
+        parts = [f"missing {len(missing)}: {listed(missing)}" if missing else "",
+                 f"unexpected {len(unexpected)}: {listed(unexpected)}" if unexpected else ""]
+        raise ModelLoadError(f"{source}: the {what} weights do not match the architecture described by its "
+                             f"config ({'; '.join(p for p in parts if p)}). If a .yaml sits beside the "
+                             f"checkpoint, check that it belongs to this model.")
+    module.to(device)  # buffers the file does not hold (position ids)
+    module.eval()
+
+
+def module_bytes(*modules: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``modules``."""
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
