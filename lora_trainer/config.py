@@ -126,14 +126,14 @@ class TrainConfig:
     preview: bool = _opt(True, "Render one picture with the trigger word (and the first sample prompt) at the end "
                          "of a finished run: <output_name>.preview.png, installed with the LoRA in the WebUI.")
     # knowing when it is done: validation, overfitting alarm, epoch snapshots and their grid
-    validation_split: float = _opt(0.0, "Share of the training data held out to compute a validation loss (images; "
-                                   "text-generation: examples); 0: none, 0.1 is typical.", low=0.0, high=0.5)
+    validation_split: float = _opt(0.0, "Share of the training data held out to compute a validation loss (0: none; "
+                                   "0.1 is typical).", low=0.0, high=0.5)
     validation_dir: str | None = _opt(None, "Folder of held-out validation images with captions (instead of "
                                       "validation_split).", path=True)
     validate_every: int = _opt(0, "Compute the validation loss every N updates (0: at the end of every epoch).",
                                low=0, high=rules.MAX_TOTAL_STEPS)
-    overfit_patience: int = _opt(3, "Evaluations in a row the validation loss must rise, while the training loss "
-                                 "falls, before the overfitting alarm.", low=2, high=100)
+    overfit_patience: int = _opt(3, "Evaluations without a new best validation loss (the latest 1% above the "
+                                 "best, the training loss lower) before the overfitting alarm.", low=2, high=100)
     early_stop: bool = _opt(False, "When the overfitting alarm fires, stop and keep the LoRA of the best "
                             "validation step.")
     save_every_n_epochs: int = _opt(0, "Keep a LoRA snapshot every N epochs; at the end a grid of snapshots x "

@@ -25,10 +25,11 @@ class Evaluation:
 class OverfitMonitor:
     """Records evaluations, tracks the best one, and says when the alarm fires (once per run).
 
-    The alarm fires at an evaluation when the validation loss rose at each of the last ``patience``
-    evaluations and ends at least :data:`MIN_RISE` above the best so far, while the training loss (measured
-    the same way, at fixed noise, so without the noise of per-step losses) ended lower than it was at the
-    start of those evaluations: the gap between the pictures it trains on and the others widens.
+    The alarm fires when the last ``patience`` evaluations all came after the best one (no new best for that
+    long: validation curves are noisy, so one dip does not reset the count), the latest is at least
+    :data:`MIN_RISE` above the best, and the training loss (measured the same way, at fixed noise, so without the
+    noise of per-step losses) is lower than it was at the best evaluation: the gap between the pictures it
+    trains on and the others widens.
     """
 
     patience: int = 3
@@ -38,7 +39,10 @@ class OverfitMonitor:
     @property
     def best(self) -> Evaluation | None:
         """The evaluation with the lowest validation loss (the earliest of equals)."""
-        return min(self.history, key=lambda e: e.loss) if self.history else None
+        return self.history[self._best_index()] if self.history else None
+
+    def _best_index(self) -> int:
+        return min(range(len(self.history)), key=lambda i: self.history[i].loss)
 
     def record(self, step: int, loss: float, train_loss: float) -> bool:
         """Add an evaluation; True when this one sets the alarm off."""
@@ -49,22 +53,20 @@ class OverfitMonitor:
         return False
 
     def overfitting(self) -> bool:
-        """Whether the latest evaluations show the overfitting pattern (see the class doc)."""
-        n = self.patience
-        if len(self.history) <= n:
+        """Whether the evaluations so far show the overfitting pattern (see the class doc)."""
+        if len(self.history) - 1 - self._best_index() < self.patience if self.history else True:
             return False
-        window = self.history[-(n + 1):]
-        first, last = window[0], window[-1]
-        rising = all(later.loss > earlier.loss for earlier, later in zip(window, window[1:], strict=False))
-        risen = last.loss >= self.best.loss * (1 + MIN_RISE)
-        return rising and risen and last.train_loss < first.train_loss
+        best, last = self.best, self.history[-1]
+        return last.loss >= best.loss * (1 + MIN_RISE) and last.train_loss < best.train_loss
 
     def describe(self) -> str:
         """The alarm as one line for the CLI and the tab (after it fired)."""
         best, last = self.best, self.history[-1]
-        return (f"overfitting: the validation loss rose for {self.patience} evaluations in a row "
-                f"({self.history[-self.patience - 1].loss:.4f} -> {last.loss:.4f}) while the training loss fell; "
-                f"the best step was {best.step} (validation loss {best.loss:.4f})")
+        since = len(self.history) - 1 - self._best_index()
+        return (f"overfitting: the validation loss has not improved for {since} evaluations and rose "
+                f"({best.loss:.4f} -> {last.loss:.4f}) while the training loss fell "
+                f"({best.train_loss:.4f} -> {last.train_loss:.4f}); the best step was {best.step} "
+                f"(validation loss {best.loss:.4f})")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able state, stored in checkpoints so a resumed run keeps its history."""

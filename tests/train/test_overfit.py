@@ -28,14 +28,16 @@ def test_monitor_needs_validation_rising_while_training_falls():
     monitor = OverfitMonitor(patience=3)
     assert _record(monitor, falling_then_rising) == [False, False, False, False, True, False]
     assert monitor.alarm_step == 50 and monitor.best.step == 20
-    assert "best step was 20" in monitor.describe() and "0.8000" in monitor.describe()
+    assert "best step was 20" in monitor.describe() and "rose (0.8000 -> 1.0000)" in monitor.describe()
+    noisy = [(1.0, 1.0), (0.8, 0.7), (0.83, 0.6), (0.81, 0.55), (0.84, 0.5)]  # a dip does not reset the count
+    assert _record(OverfitMonitor(3), noisy) == [False, False, False, False, True]
 
     diverging = [(1.0, 1.0), (0.8, 0.7), (0.85, 0.75), (0.9, 0.8), (0.95, 0.85)]  # both rise: not overfitting
     assert not any(_record(OverfitMonitor(3), diverging))
     jitter = [(1.0, 1.0), (0.8, 0.7), (0.8001, 0.6), (0.8002, 0.5), (0.8003, 0.4)]  # a rise under 1%
     assert not any(_record(OverfitMonitor(3), jitter))
-    dip = [(1.0, 1.0), (0.8, 0.7), (0.85, 0.6), (0.84, 0.5), (0.9, 0.4)]  # not rising at every evaluation
-    assert not any(_record(OverfitMonitor(3), dip))
+    new_best = [(1.0, 1.0), (0.8, 0.7), (0.85, 0.6), (0.79, 0.5), (0.9, 0.4), (0.9, 0.3)]  # counts from 0.79
+    assert not any(_record(OverfitMonitor(3), new_best))
     restored = OverfitMonitor.from_dict(json.loads(json.dumps(monitor.to_dict())), 3)
     assert restored == monitor
 

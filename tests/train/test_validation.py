@@ -11,8 +11,12 @@ import torch
 from lora_trainer.config import ConfigError, config_from_dict
 from lora_trainer.data.dataset import DatasetError, scan_dataset
 from lora_trainer.lora.inject import inject_lora
+from lora_trainer.train.events import EventBus, StepEvent, ValidationEvent
+from lora_trainer.train.loss_log import LossLog
+from lora_trainer.train.trainer import Trainer
 from lora_trainer.train.validation import ValidationLoss, split_validation
 from tests.lora.helpers import UNET_TARGETS, randomize_lora
+from tests.train.toy import ToyBackbone, planted_overfit
 
 
 def _cfg(data, **overrides):
@@ -73,3 +77,64 @@ def test_validation_loss_is_identical_when_computed_twice(tiny_backbone, shapes_
     assert rebuilt(roots.values()) == pytest.approx(first, rel=1e-5)
     randomize_lora(params, seed=2)
     assert measure(roots.values()) != first  # it does measure the LoRA
+
+
+class OffloadingToy(ToyBackbone):
+    """A toy whose encoders leave the device like a GPU backbone's do: encoding after that is an error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offloaded = False
+
+    def offload_encoders(self, *, vae: bool, text_encoders: bool) -> None:
+        self.offloaded = vae or text_encoders
+
+    def restore_encoders(self) -> None:
+        self.offloaded = False
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        assert not self.offloaded, "the VAE was used after it left the device"
+        return super().encode_images(pixels)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        assert not self.offloaded, "a text encoder was used after it left the device"
+        return super().encode_prompts(prompts)
+
+
+def test_validation_in_the_loop_reads_the_device_only_when_it_validates(tmp_path, monkeypatch):
+    """Latents and captions cached (the encoders leave the device): the held-out images are encoded before
+    that; with an endless read window, pending losses are read at each validation and not once per step."""
+    logs: list[LossLog] = []
+
+    class Batched(LossLog):
+        def __init__(self, every_seconds: float) -> None:
+            super().__init__(every_seconds=float("inf"))
+            logs.append(self)
+
+    monkeypatch.setattr("lora_trainer.train.trainer.LossLog", Batched)
+    cfg = config_from_dict(planted_overfit(tmp_path, max_steps=20, validate_every=5, cache_latents=True))
+    events: list = []
+    backbone = OffloadingToy()
+    result = Trainer(cfg, backbone, events=EventBus(events.append)).run()
+    assert [e.step for e in events if isinstance(e, ValidationEvent)] == [5, 10, 15, 20]
+    assert [e.step for e in events if isinstance(e, StepEvent)] == list(range(1, 21)) and result.lora_path
+    assert logs[0].reads == 4  # one read of the pending losses per validation, none in between
+
+
+def test_sdxl_validation_conditions_on_each_image_size(make_tiny_sdxl_backbone, shapes_dataset):
+    """As in training, SDXL's predictions get each held-out image's original size, crop and target size."""
+    from lora_trainer.models.sdxl_backbone import size_ids
+
+    backbone = make_tiny_sdxl_backbone()
+    items = scan_dataset(shapes_dataset, resolution=64).items[:2]
+    seen: list = []
+    predict = backbone.predict
+
+    def spy(noisy, timesteps, conditioning):
+        seen.append(conditioning["time_ids"].tolist())
+        return predict(noisy, timesteps, conditioning)
+
+    backbone.predict = spy
+    measure = ValidationLoss(backbone, items, encode_text=False, chunk=4)
+    assert measure() == measure()
+    assert seen[0] == [size_ids(items[0])] * 4 and seen[1] == [size_ids(items[1])] * 4
