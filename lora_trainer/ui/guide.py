@@ -155,16 +155,20 @@ def guide_view(host: Any, job: Any, folder: str) -> tuple[str, str, str]:
 
 
 def validation_html(snap: dict[str, Any]) -> str:
-    """The validation summary beside the plot; the overfitting alarm in red, naming the best step."""
+    """The validation summary beside the plot; the overfitting alarm in red, naming the best step (the best so
+    far: a run that goes on after the alarm may still find a lower validation loss, which the plot marks)."""
     overfit = snap.get("overfit")
     if overfit:
-        kept = (f"Training stopped early; the LoRA holds step {overfit['best_step']}." if overfit.get("stopped")
-                else f"The LoRA of step {overfit['best_step']} is kept as a snapshot: install it from Try it, "
+        best_step, best_loss = overfit["best_step"], overfit["best_loss"]
+        if snap.get("best_step") is not None and not overfit.get("stopped"):
+            best_step, best_loss = snap["best_step"], snap["best_loss"]
+        kept = (f"Training stopped early; the LoRA holds step {best_step}." if overfit.get("stopped")
+                else f"The LoRA of step {best_step} is kept as a snapshot: install it from Try it, "
                      f"or turn on early stop next time.")
         return (f'<div class="lora_train_alarm"><b>Overfitting from step {overfit["step"]}:</b> the validation '
-                f"loss rose while the training loss fell, so later steps copy the training pictures more and "
-                f"generalise less. Best step: <b>{overfit['best_step']}</b> (validation loss "
-                f"{overfit['best_loss']:.4f}). {html.escape(kept)}</div>")
+                f"loss stopped improving while the training loss fell, so later steps copy the training pictures "
+                f"more and generalise less. Best step: <b>{best_step}</b> (validation loss {best_loss:.4f}). "
+                f"{html.escape(kept)}</div>")
     if snap.get("best_step") is not None:
         count = len(snap.get("validation") or [])
         return (f'<div class="lora_train_validation_note">Validation: best step <b>{snap["best_step"]}</b> '

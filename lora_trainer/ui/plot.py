@@ -76,12 +76,13 @@ def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE,
         for step, loss in checks:
             x, y = point(step, loss)
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=VALIDATION)
-        draw.text((left + 8, top + 4), "training", fill=TRAIN)
-        draw.text((left + 70, top + 4), "validation", fill=VALIDATION)
-        if best_step:
-            draw.text((left + 145, top + 4), f"best: step {best_step}", fill=BEST)
-        if alarm_step:
-            draw.text((left + 245, top + 4), f"overfitting from step {alarm_step}", fill=ALARM)
+        legend = [("training", TRAIN), ("validation", VALIDATION)]  # above the box, right of gradio's badge
+        legend += [(f"best: step {best_step}", BEST)] if best_step else []
+        legend += [(f"overfitting from step {alarm_step}", ALARM)] if alarm_step else []
+        x = left + 46
+        for words, colour in legend:
+            draw.text((x, top - 18), words, fill=colour)
+            x += draw.textlength(words) + 14
     draw.text((4, top - 4), f"{high:.4f}", fill=GREY)
     draw.text((4, bottom - 8), f"{low:.4f}", fill=GREY)
     draw.text((4, (top + bottom) // 2 - 4), "loss", fill=GREY)

@@ -85,5 +85,8 @@ def test_validation_note_and_alarm_name_the_best_step():
     assert "best step <b>40</b>" in calm and "no sign of overfitting" in calm
     alarm = guide.validation_html({"overfit": {"step": 60, "best_step": 45, "best_loss": 0.4418, "stopped": False}})
     assert "Overfitting from step 60" in alarm and "Best step: <b>45</b>" in alarm and "Try it" in alarm
+    later = guide.validation_html({"overfit": {"step": 60, "best_step": 45, "best_loss": 0.4418, "stopped": False},
+                                   "best_step": 90, "best_loss": 0.43})  # a new best after the alarm
+    assert "Overfitting from step 60" in later and "Best step: <b>90</b> (validation loss 0.4300)" in later
     stopped = guide.validation_html({"overfit": {"step": 60, "best_step": 45, "best_loss": 0.44, "stopped": True}})
     assert "stopped early; the LoRA holds step 45" in stopped

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from lora_trainer.config import TrainConfig, config_from_dict
 from lora_trainer.data.captions import read_metadata_csv
+from lora_trainer.ui import plot as plot_colours
 from lora_trainer.ui import tab
 from lora_trainer.ui.host import BaseHost
 from lora_trainer.ui.job import TrainingJob
@@ -242,6 +243,26 @@ def test_tables_keep_their_headers_when_empty():
     assert list(tab.as_frame([], tab.CLEAN_HEADERS).columns) == tab.CLEAN_HEADERS
     frame = tab.as_frame([["a.png", "kept", "", ""]], tab.CLEAN_HEADERS)
     assert frame.values.tolist() == [["a.png", "kept", "", ""]]
+
+
+def test_loss_plot_shows_validation_best_step_and_alarm():
+    """Orange validation points at their steps, the best step dashed green, the alarm dashed red; after a
+    resume the axis starts at the earliest evaluation."""
+    losses = [1.0 - 0.01 * i for i in range(40)]
+    plot = np.asarray(tab.render_loss_plot(losses, first_step=11, validation=[[5, 0.9], [20, 0.7], [40, 0.8]],
+                                           best_step=20, alarm_step=40))
+    plain = np.asarray(tab.render_loss_plot(losses, first_step=11))
+
+    def columns(colour):
+        hits = np.all(plot[40:-30, :, :3] == colour[:3], axis=-1) & (plot[40:-30, :, 3] == 255)
+        return set(np.nonzero(hits.any(axis=0))[0])
+
+    left, right = 64, tab.PLOT_SIZE[0] - 12
+    x_of = {step: round(left + (right - left) * (step - 5) / (50 - 5)) for step in (5, 20, 40)}  # steps 5..50
+    assert any(abs(c - x_of[20]) <= 1 for c in columns(plot_colours.BEST))
+    assert any(abs(c - x_of[40]) <= 1 for c in columns(plot_colours.ALARM))
+    assert any(abs(c - x_of[5]) <= 2 for c in columns(plot_colours.VALIDATION))
+    assert not np.array_equal(plot, plain)
 
 
 def test_loss_plot_and_status_html():
