@@ -57,7 +57,7 @@ def test_run_keeps_epoch_snapshots_and_renders_the_grid(make_tiny_backbone, shap
     events: list = []
     backbone = make_tiny_backbone()
     cfg = make_config(shapes_dataset, tmp_path / "out", max_steps=None, epochs=3, save_every_n_epochs=1,
-                      sample_prompts=PROMPTS, sample_steps=2, learning_rate=5e-3)
+                      sample_prompts=PROMPTS, sample_steps=2, learning_rate=5e-3, preview=False)
     result = Trainer(cfg, backbone, events=EventBus(events.append), restore_backbone=False).run()
     out = tmp_path / "out"
     saved = [e for e in events if isinstance(e, SnapshotEvent)]
@@ -75,7 +75,8 @@ def test_run_keeps_epoch_snapshots_and_renders_the_grid(make_tiny_backbone, shap
     # the cells themselves: weight 1 of the final LoRA is the end-of-run sample; weight 0 is no LoRA at all
     roots = backbone.lora_roots(False)
     trained = lora_state_dict(roots)
-    cells = grid.render_cells(backbone, roots, quality.snapshots, [0.0, 1.0], PROMPTS[:1], seed=cfg.seed,
+    first_and_final = [quality.snapshots[0], quality.snapshots[-1]]
+    cells = grid.render_cells(backbone, roots, first_and_final, [0.0, 1.0], PROMPTS[:1], seed=cfg.seed,
                               steps=2, size=64)
     pixels = {(c.snapshot.kind, c.snapshot.step, c.weight): np.asarray(c.image) for c in cells}
     with Image.open(RunLayout.of(cfg).sample_file(6, 0)) as sample:
