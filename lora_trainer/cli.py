@@ -1,4 +1,4 @@
-"""Command line: ``python -m lora_trainer {train,demo,clean,caption}``."""
+"""Command line: ``python -m lora_trainer {train,demo,generate,clean,caption}``."""
 
 from __future__ import annotations
 
@@ -22,28 +22,50 @@ class StopFlag:
     def __call__(self) -> bool:
         return self.stopped
 
-    def install(self) -> None:
+    def install(self, *, launched: bool = False, quiet: bool = False) -> None:
+        """Handle Ctrl-C; ``launched`` (by torchrun or accelerate, which pass a Ctrl-C on as SIGINT, and a
+        failed process or a scheduler's stop as SIGTERM, then kill after a grace period): SIGTERM too."""
         def handler(signum, frame):  # noqa: ARG001
             if self.stopped:
                 raise KeyboardInterrupt
             self.stopped = True
-            print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort)...",
-                  file=sys.stderr)
+            if not quiet:
+                print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort)...",
+                      file=sys.stderr)
 
         signal.signal(signal.SIGINT, handler)
+        if launched:
+            signal.signal(signal.SIGTERM, handler)
 
 
-def run_training(cfg, backbone=None) -> int:
-    """Train with a tqdm bar and Ctrl-C handling; print where the LoRA went."""
-    from lora_trainer.train.events import EventBus
-    from lora_trainer.train.progress_bar import ProgressBar
+def _make_trainer(cfg, backbone, bus, stop, dist):
+    """The image trainer, or the language-model one for ``task_type: text-generation``."""
+    if cfg.task_type == "text-generation":
+        from lora_trainer.llm.trainer import TextTrainer
+
+        return TextTrainer(cfg, events=bus, should_stop=stop, dist=dist)
     from lora_trainer.train.trainer import Trainer
 
+    return Trainer(cfg, backbone, events=bus, should_stop=stop, dist=dist)
+
+
+def run_training(cfg, backbone=None, dist=None) -> int:
+    """Train with a tqdm bar and Ctrl-C handling; print where the LoRA went. In a data-parallel run (``dist``)
+    only the main process shows the bar and prints."""
+    from lora_trainer.config import ignored_keys
+    from lora_trainer.train.distributed import SINGLE
+    from lora_trainer.train.events import EventBus, MessageEvent
+    from lora_trainer.train.progress_bar import ProgressBar
+
+    dist = dist or SINGLE
     stop = StopFlag()
-    stop.install()
-    bar = ProgressBar()
+    stop.install(launched=dist.enabled, quiet=not dist.is_main)
+    bar = ProgressBar() if dist.is_main else None
+    bus = EventBus(bar)
+    if ignored_keys(cfg):
+        bus.emit(MessageEvent(f"task_type {cfg.task_type} ignores {', '.join(ignored_keys(cfg))}", "warning"))
     try:
-        result = Trainer(cfg, backbone, events=EventBus(bar), should_stop=stop).run()
+        result = _make_trainer(cfg, backbone, bus, stop, dist).run()
     except RuntimeError as err:
         if type(err).__name__ != "OutOfMemoryError":
             raise
@@ -51,13 +73,18 @@ def run_training(cfg, backbone=None) -> int:
 
         raise UserError(oom_message(cfg)) from None
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+    if not dist.is_main:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         where = f"checkpoint: {result.checkpoint}" if result.checkpoint else "nothing saved"
         print(f"Interrupted at step {result.steps_done}/{result.total_steps}; {where}")
         print("Resume with: python -m lora_trainer train --config <file> --resume")
         return 130
-    print(f"LoRA saved: {result.lora_path}")
+    print(f"{'Adapter' if cfg.task_type == 'text-generation' else 'LoRA'} saved: {result.lora_path}")
+    if getattr(result, "merged_path", None):
+        print(f"Merged model saved: {result.merged_path}")
     return 0
 
 
@@ -72,7 +99,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides["resume_from"] = args.resume
     cfg = load_config(args.config, overrides)
-    return run_training(cfg)
+    from lora_trainer.train import distributed
+
+    dist = distributed.start(cfg.device)  # torchrun / accelerate launch: join the others; alone: nothing
+    try:
+        return run_training(cfg, dist=dist)
+    except distributed.PeerFailed:
+        return 2  # the main process failed and prints why
+    finally:
+        dist.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -96,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="lora_trainer_demo", help="folder for the demo's files")
     demo.add_argument("--steps", type=int, default=60, help="training steps")
     demo.set_defaults(func=cmd_demo)
+    from lora_trainer.llm.generate_command import add_generate_arguments, run_generate
+
+    generate = sub.add_parser("generate", help="answer a prompt with a trained text-generation adapter")
+    add_generate_arguments(generate)
+    generate.set_defaults(func=run_generate)
     _add_optional_commands(sub)
     return parser
 

@@ -39,7 +39,9 @@ class TrainConfig:
     """Every setting of a training run. Defaults suit 50-200 images on a 12-24 GB card."""
 
     # data
-    train_data_dir: str | None = _opt(None, "Folder of training images (required).", path=True)
+    train_data_dir: str | None = _opt(
+        None, "Folder of training images (required); for text-generation a folder or one file of "
+        ".jsonl/.json/.csv/.txt examples.", path=True)
     metadata_path: str | None = _opt(
         None, "CSV with columns filename,prompt. Default: <train_data_dir>/metadata.csv if present, "
         "else per-image .txt captions.", path=True)
@@ -55,8 +57,10 @@ class TrainConfig:
     # model
     base_model: str | None = _opt(
         None, "Base checkpoint: a single-file .safetensors (.ckpt loaded weights-only), with a same-named "
-        ".yaml beside it when present, or a diffusers folder (required).", path=True)
-    task_type: str = _opt("text-to-image", "What is trained.", choices=("text-to-image",))
+        ".yaml beside it when present, or a diffusers folder (required); for text-generation a local Hugging Face "
+        "model folder (alias: model_name_or_path).", path=True)
+    task_type: str = _opt("text-to-image", "What is trained: an image LoRA, or a language-model adapter "
+                          "(text-generation).", choices=("text-to-image", "text-generation"))
     v_parameterization: bool = _opt(
         False, "Train v-prediction (kohya's v_parameterization), for SD2.x 768-v and v-prediction SDXL models whose "
         "file does not say so. Off: the model's own (its .yaml, a v_pred marker or its scheduler config).")
@@ -69,17 +73,19 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "Dropout on the LoRA path.", low=0.0, high=1.0)
     target_modules: list[str] = _opt(
         None, "UNet modules that get LoRA layers: attention projections by default; add 'proj_in', "
-        "'proj_out', 'ff.net.0.proj', 'ff.net.2' for more capacity.", factory=lambda: list(DEFAULT_TARGET_MODULES),
-        max_len=200, max_items=64, check=rules.check_module_names)
+        "'proj_out', 'ff.net.0.proj', 'ff.net.2' for more capacity. text-generation: module names such as "
+        "q_proj, v_proj, or all-linear (its default) (alias: lora_target_modules).",
+        factory=lambda: list(DEFAULT_TARGET_MODULES), max_len=200, max_items=64, check=rules.check_module_names)
     train_text_encoder: bool = _opt(False, "Also train LoRA layers on the text encoder.")
     # optimisation
-    batch_size: int = _opt(1, "Images per step.", low=1, high=256)
+    batch_size: int = _opt(1, "Images (text-generation: examples) per step, per process when several train "
+                           "data-parallel (torchrun, accelerate launch).", low=1, high=256)
     gradient_accumulation_steps: int = _opt(1, "Steps whose gradients are summed before an update.", low=1,
                                             high=256)
     epochs: int = _opt(10, "Passes over the data set (ignored when max_steps is set).", low=1, high=10_000)
     max_steps: int | None = _opt(None, "Total optimizer updates; overrides epochs.", low=1,
                                  high=rules.MAX_TOTAL_STEPS)
-    learning_rate: float = _opt(1e-4, "UNet LoRA learning rate.", low=0.0, high=1.0)
+    learning_rate: float = _opt(1e-4, "UNet (text-generation: adapter) LoRA learning rate.", low=0.0, high=1.0)
     text_encoder_lr: float | None = _opt(None, "Text-encoder LoRA learning rate (default: learning_rate / 2).",
                                          low=0.0, high=1.0)
     optimizer: str = _opt("adamw", "adamw, or adamw8bit (bitsandbytes on CUDA; falls back to adamw).",
@@ -117,7 +123,8 @@ class TrainConfig:
         max_len=rules.MAX_PATH_CHARS)
     log_dir: str | None = _opt(None, "TensorBoard log folder inside output_dir (default: <output_dir>/logs).",
                                path=True)
-    sample_prompts: list[str] = _opt(None, "Prompts rendered as sample images during training.", factory=list,
+    sample_prompts: list[str] = _opt(None, "Prompts rendered as sample images during training (text-generation: "
+                                     "answered by the model).", factory=list,
                                      max_len=1000, max_items=32, why="each prompt costs a sample render")
     sample_every: int = _opt(0, "Render samples every N updates (0: only at the end when prompts are set).",
                              low=0, high=rules.MAX_TOTAL_STEPS)
@@ -126,8 +133,9 @@ class TrainConfig:
     preview: bool = _opt(True, "Render one picture with the trigger word (and the first sample prompt) at the end "
                          "of a finished run: <output_name>.preview.png, installed with the LoRA in the WebUI.")
     # knowing when it is done: validation, overfitting alarm, epoch snapshots and their grid
-    validation_split: float = _opt(0.0, "Share of the training data held out to compute a validation loss (0: none; "
-                                   "0.1 is typical).", low=0.0, high=0.5)
+    validation_split: float = _opt(0.0, "Share of the training data held out to compute a validation loss "
+                                   "(text-generation: eval loss and perplexity); 0: none, 0.1 is typical.",
+                                   low=0.0, high=0.5)
     validation_dir: str | None = _opt(None, "Folder of held-out validation images with captions (instead of "
                                       "validation_split).", path=True)
     validate_every: int = _opt(0, "Compute the validation loss every N updates (0: at the end of every epoch).",
@@ -139,6 +147,19 @@ class TrainConfig:
     save_every_n_epochs: int = _opt(0, "Keep a LoRA snapshot every N epochs; at the end a grid of snapshots x "
                                     "weights x sample prompts is rendered to pick one from (0: off).", low=0,
                                     high=10_000)
+    # text-generation (task_type: text-generation) only; image runs ignore these
+    max_seq_length: int = _opt(512, "text-generation: tokens per example; longer ones are truncated (counted in "
+                               "the data report).", low=16, high=1_048_576)
+    train_on_prompt: bool = _opt(False, "text-generation: also compute the loss on prompt tokens (default: on the "
+                                 "answer tokens only).")
+    trust_remote_code: bool = _opt(False, "text-generation: allow a model folder that ships its own Python code "
+                                   "(e.g. ChatGLM); that code runs on this machine.")
+    load_in_4bit: bool = _opt(False, "text-generation: 4-bit base weights (QLoRA); needs CUDA and bitsandbytes.")
+    eval_every: int = _opt(0, "text-generation: evaluate every N updates (0: only at the end; needs "
+                           "validation_split).", low=0)
+    save_merged: bool = _opt(False, "text-generation: also write <output_name>-merged, the base model with the "
+                             "adapter merged in (loads without peft).")
+    sample_max_new_tokens: int = _opt(64, "text-generation: tokens generated per sample prompt.", low=1, high=4096)
 
     # ---- derived helpers -------------------------------------------------------------------------
     def resolved_log_dir(self) -> Path:
@@ -155,11 +176,58 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Tr
 REQUIRED = ("train_data_dir", "base_model")
 
 
+# ---- keys per task ---------------------------------------------------------------------------------------------
+# Keys of the other task are accepted and ignored (a run lists the ones set), so one file can switch task_type.
+KEY_ALIASES = {"model_name_or_path": "base_model", "lora_target_modules": "target_modules"}
+TEXT_GENERATION_KEYS = ("max_seq_length", "train_on_prompt", "trust_remote_code", "load_in_4bit", "eval_every",
+                        "save_merged", "sample_max_new_tokens")
+IMAGE_KEYS = ("metadata_path", "trigger_word", "resolution", "bucket", "flip_aug", "caption_dropout", "cache_latents",
+              "v_parameterization", "zero_terminal_snr", "train_text_encoder", "text_encoder_lr", "auto_fit",
+              "channels_last", "torch_compile", "min_snr_gamma", "noise_offset", "sample_steps", "preview",
+              "validation_dir", "validate_every", "overfit_patience", "early_stop", "save_every_n_epochs")
+
+
+def apply_key_aliases(data: dict[str, Any]) -> dict[str, Any]:
+    """Rename the keys users bring from LLM trainers to ours; text-generation targets all-linear by default."""
+    out = dict(data)
+    for alias, name in KEY_ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise ConfigError(f"{alias} is another name for {name}; give only one of them")
+            out[name] = out.pop(alias)
+    if out.get("task_type") == "text-generation" and "target_modules" not in out:
+        out["target_modules"] = [rules.ALL_LINEAR]
+    return out
+
+
+def check_task_keys(cfg: TrainConfig) -> None:
+    """Settings of the task that only make sense together."""
+    if cfg.task_type == "text-to-image" and cfg.target_modules == [rules.ALL_LINEAR]:
+        raise ConfigError(f"target_modules: {rules.ALL_LINEAR} is for task_type: text-generation; an image LoRA "
+                          f"names UNet modules, e.g. {', '.join(DEFAULT_TARGET_MODULES)} (the default)")
+    if cfg.task_type == "text-to-image" and cfg.validation_split and cfg.validation_dir:
+        raise ConfigError("validation_split and validation_dir are both set; hold out a share of the images or "
+                          "give a folder, not both")
+    if cfg.task_type == "text-to-image" and cfg.early_stop and not (cfg.validation_split or cfg.validation_dir):
+        raise ConfigError("early_stop needs validation images: set validation_split (0.1 is typical) or "
+                          "validation_dir")
+    if cfg.task_type == "text-generation" and cfg.eval_every and not cfg.validation_split:
+        raise ConfigError("eval_every is set but validation_split is 0; hold out some examples (e.g. "
+                          "validation_split: 0.1) to evaluate on")
+
+
+def ignored_keys(cfg: TrainConfig) -> list[str]:
+    """Keys set to something other than their default that ``cfg.task_type`` does not use."""
+    unused = IMAGE_KEYS if cfg.task_type == "text-generation" else TEXT_GENERATION_KEYS
+    defaults = TrainConfig()
+    return [name for name in unused if getattr(cfg, name) != getattr(defaults, name)]
+
+
 def closest_key(name: str) -> str | None:
     """The valid key that most resembles a misspelt one."""
     if len(name) > 100:
         return None
-    match = difflib.get_close_matches(name, list(FIELDS), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(name, [*FIELDS, *KEY_ALIASES], n=1, cutoff=0.6)
     return match[0] if match else None
 
 
@@ -251,6 +319,7 @@ def config_from_dict(data: dict[str, Any], base_dir: Path | None = None, *, requ
     """
     if not isinstance(data, dict):
         raise ConfigError(f"the config must be a mapping of key: value, got {type(data).__name__}")
+    data = apply_key_aliases(data)
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in FIELDS:
@@ -271,18 +340,8 @@ def config_from_dict(data: dict[str, Any], base_dir: Path | None = None, *, requ
         rules.check_inside("log_dir", cfg.log_dir, cfg.output_dir)
     if cfg.sample_every and not cfg.sample_prompts:
         raise ConfigError("sample_every is set but sample_prompts is empty; add at least one prompt")
-    _check_validation(cfg)
+    check_task_keys(cfg)
     return cfg
-
-
-def _check_validation(cfg: TrainConfig) -> None:
-    """The validation keys work together: one source of held-out images, and early_stop needs one."""
-    if cfg.validation_split and cfg.validation_dir:
-        raise ConfigError("validation_split and validation_dir are both set; hold out a share of the images or "
-                          "give a folder, not both")
-    if cfg.early_stop and not (cfg.validation_split or cfg.validation_dir):
-        raise ConfigError("early_stop needs validation images: set validation_split (0.1 is typical) or "
-                          "validation_dir")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -102,13 +103,48 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     return path
 
 
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None], *, overwrite: bool = True) -> Path:
+    """Call ``write(tmp_folder)`` then move the folder to ``path`` in one rename: it appears whole or not at all.
+
+    Files get ordinary permissions and are synced first. With ``overwrite=False`` an existing ``path`` raises
+    FileExistsError before anything is written; with ``overwrite=True`` the old one is removed after the rename.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists; set overwrite: true (or choose another name) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old")
+    try:
+        write(tmp)
+        for item in sorted(tmp.rglob("*")):
+            _give_usual_permissions(item, folder=item.is_dir())
+            if item.is_file():
+                with open(item, "rb") as handle:
+                    os.fsync(handle.fileno())
+        _give_usual_permissions(tmp, folder=True)
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"{path} appeared while writing; not replacing it")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.exists() or leftover.is_symlink():
+                leftover.unlink()
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str, *, overwrite: bool = True) -> Path:
     """Write a UTF-8 text file atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
-def _give_usual_permissions(path: Path) -> None:
-    """mkstemp (and some writers, such as safetensors 0.8) make 0600 files; use what ``open`` would give."""
+def _give_usual_permissions(path: Path, *, folder: bool = False) -> None:
+    """mkstemp/mkdtemp (and some writers, such as safetensors 0.8) make private files and folders; use what
+    ``open`` / ``mkdir`` would give."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)

@@ -31,6 +31,7 @@ _FORBIDDEN_NAME_CHARS = frozenset('/\\<>:"|?*')
 _FORBIDDEN_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_.]+")
+ALL_LINEAR = "all-linear"  # target_modules of a text-generation run: every linear layer but the output head
 
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 60
@@ -124,7 +125,13 @@ def check_device(value: str) -> str:
 
 
 def check_module_names(key: str, names: list[str]) -> list[str]:
+    """Module names, or :data:`ALL_LINEAR` alone (any case; which task may use it is checked with the task)."""
+    if [name.lower() for name in names] == [ALL_LINEAR]:
+        return [ALL_LINEAR]
     for name in names:
+        if name.lower() == ALL_LINEAR:
+            raise ConfigError(f"{key}: {ALL_LINEAR} already means every linear layer; give it alone, or list "
+                              "module names")
         if not _MODULE_NAME.fullmatch(name):
             raise ConfigError(f"{key}: {short_repr(name)} is not a module name (letters, digits, '_' and '.')")
     return names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,12 +138,13 @@ def _generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:4], "little"))
 
 
-def epoch_batches(items: list[TrainItem], batch_size: int, seed: int, epoch: int,
+def epoch_batches(items: Sequence[TrainItem], batch_size: int, seed: int, epoch: int,
                   repeats: int = 1) -> list[list[int]]:
     """The batches of one epoch as lists of item indices.
 
     Every index appears ``repeats`` times; the order is shuffled from ``(seed, epoch)`` alone; a batch only
     holds items of one target size; only the last batch of each size may be short; batch order is shuffled.
+    Items without a ``target`` (text examples) form one group.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -154,7 +156,7 @@ def epoch_batches(items: list[TrainItem], batch_size: int, seed: int, epoch: int
     groups: dict[tuple[int, int], list[int]] = {}
     for position in order:
         index = pool[position]
-        groups.setdefault(tuple(items[index].target), []).append(index)
+        groups.setdefault(tuple(getattr(items[index], "target", ())), []).append(index)
     batches = [
         group[start:start + batch_size]
         for group in groups.values()

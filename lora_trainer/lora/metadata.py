@@ -50,16 +50,17 @@ def _bucket_info(buckets: Iterable) -> str:
     return json.dumps({"buckets": entries})
 
 
-def _epoch(cfg: TrainConfig, steps: int, num_images: int) -> int:
-    batches = max(1, math.ceil(num_images * cfg.repeats / cfg.batch_size))
+def _epoch(cfg: TrainConfig, steps: int, num_images: int, processes: int) -> int:
+    batches = max(1, math.ceil(num_images * cfg.repeats / (cfg.batch_size * processes)))
     updates = max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
     return math.ceil(steps / updates)
 
 
 def training_metadata(*, cfg: TrainConfig, model_version: str, prediction_type: str, captions: list[str],
                       steps: int, total_steps: int, started_at: float, num_images: int,
-                      buckets: list) -> dict[str, str]:
-    """The metadata of a finished (or checkpointed) run; every value a string."""
+                      buckets: list, processes: int = 1) -> dict[str, str]:
+    """The metadata of a finished (or checkpointed) run of ``processes`` data-parallel processes; every value a
+    string."""
     if model_version not in BASE_MODEL_VERSIONS:
         raise ValueError(f"unknown model_version {model_version!r}; expected one of {', '.join(BASE_MODEL_VERSIONS)}")
     finished = time.time()
@@ -89,9 +90,10 @@ def training_metadata(*, cfg: TrainConfig, model_version: str, prediction_type: 
         "ss_bucket_info": _bucket_info(buckets),
         "ss_steps": str(steps),
         "ss_max_train_steps": str(total_steps),
-        "ss_epoch": str(_epoch(cfg, steps, num_images)),
+        "ss_epoch": str(_epoch(cfg, steps, num_images, processes)),
         "ss_num_epochs": str(cfg.epochs),
         "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_total_batch_size": str(cfg.batch_size * cfg.gradient_accumulation_steps * processes),
         "ss_gradient_accumulation_steps": str(cfg.gradient_accumulation_steps),
         "ss_learning_rate": str(cfg.learning_rate),
         "ss_unet_lr": str(cfg.learning_rate),

@@ -172,13 +172,15 @@ def _target(target: str, **params: Any) -> dict[str, Any]:
 
 def sdxl_config(network: dict[str, Any], ddconfig: dict[str, Any], *, size_embed_dim: int = 256,
                 scale_factor: float = 0.13025, v_prediction: bool = False,
-                clip_version: str | None = None) -> dict[str, Any]:
+                clip_version: str | None = None, clip_layers: int = 12) -> dict[str, Any]:
     """An sgm ``DiffusionEngine`` config (the structure of Stability's ``sd_xl_base.yaml``).
 
     ``network``: the UNet's ``network_config.params``; ``size_embed_dim``: the width of each size id's
-    embedding (256 in SDXL); ``clip_version``: a local CLIP folder for the first text encoder (tiny models).
+    embedding (256 in SDXL); ``clip_version``: a local CLIP folder for the first text encoder (tiny models);
+    ``clip_layers``: its block count (12 in SDXL): the context is its penultimate layer's output
+    (``hidden_states[clip_layers - 1]``, ``layer_idx: 11`` in SDXL).
     """
-    clip = {"layer": "hidden", "layer_idx": 11}
+    clip = {"layer": "hidden", "layer_idx": clip_layers - 1}
     if clip_version:
         clip["version"] = clip_version
     scaling = "VScaling" if v_prediction else "EpsScaling"

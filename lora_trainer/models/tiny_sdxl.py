@@ -46,8 +46,11 @@ def tiny_sdxl_unet_config(width: int = 1) -> dict[str, Any]:
 
 
 def tiny_open_clip_config(width: int = 1) -> dict[str, Any]:
-    """The second text encoder: OpenCLIP bigG's shape (gelu, a text projection, pads with token 0)."""
-    return {**tiny_clip_config(width), "num_hidden_layers": 3, "hidden_act": "gelu", "pad_token_id": 0}
+    """The second text encoder: OpenCLIP bigG's shape (gelu, a text projection, pads with token 0, an MLP 4x
+    as wide as the model: OpenCLIP text towers always build that, whatever their config says)."""
+    config = tiny_clip_config(width)
+    return {**config, "num_hidden_layers": 3, "hidden_act": "gelu", "pad_token_id": 0,
+            "intermediate_size": 4 * config["hidden_size"]}
 
 
 def build_tiny_sdxl_components(seed: int = 0, tokenizer_dir: str | None = None, width: int = 1) -> dict[str, Any]:
@@ -106,7 +109,8 @@ def tiny_sdxl_config(clip_dir: str | Path | None = None, *, v_prediction: bool =
                 "num_res_blocks": vae["layers_per_block"], "z_channels": vae["latent_channels"]}
     return sdxl_config(network, ddconfig, size_embed_dim=unet["addition_time_embed_dim"],
                        scale_factor=SDXL_SCALE_FACTOR, v_prediction=v_prediction,
-                       clip_version=str(Path(clip_dir).resolve()) if clip_dir else None)
+                       clip_version=str(Path(clip_dir).resolve()) if clip_dir else None,
+                       clip_layers=tiny_clip_config(width)["num_hidden_layers"])
 
 
 def write_tiny_sdxl_checkpoint(folder: str | Path, name: str = "tiny-sdxl", seed: int = 0, *,

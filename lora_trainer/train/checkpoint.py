@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def save_checkpoint(run_dir: str | Path, progress: Progress, lora_state: dict[st
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = inside(run_dir, f"step-{progress.global_step:06d}")
+    final = step_folder(run_dir, progress.global_step)
     tmp = inside(run_dir, f".{final.name}{TMP_SUFFIX}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -91,6 +92,11 @@ def save_checkpoint(run_dir: str | Path, progress: Progress, lora_state: dict[st
     for old in list_checkpoints(run_dir)[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def step_folder(run_dir: str | Path, global_step: int) -> Path:
+    """The folder of the checkpoint a run writes after ``global_step`` updates."""
+    return inside(run_dir, f"step-{global_step:06d}")
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -160,6 +166,21 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
         return LoadedCheckpoint(path, progress, lora_state, state["optimizer"], state["scheduler"], state["rng"])
     except Exception as err:  # noqa: BLE001 - safetensors, json and a damaged structure raise many kinds
         raise CheckpointError(f"checkpoint {path} is unreadable: {current}: {short_repr(str(err))}") from None
+
+
+def restore_training_state(loaded: LoadedCheckpoint, load_weights: Callable[[dict[str, torch.Tensor]], None],
+                           optimizer: torch.optim.Optimizer, scheduler: Any, what: str) -> Progress:
+    """Put a checkpoint's trained weights (through ``load_weights``), optimizer, schedule and RNG back; its
+    progress. A checkpoint that does not fit (``what``: the run's LoRA layers, its adapter) is a CheckpointError."""
+    try:
+        load_weights(loaded.lora_state)
+        optimizer.load_state_dict(loaded.optimizer)
+        scheduler.load_state_dict(loaded.scheduler)
+        restore_rng_state(loaded.rng)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {loaded.path} does not fit this run's {what} ({str(err)[:300]}); start a "
+                              "new run without resume_from") from None
+    return loaded.progress
 
 
 def load_newest_readable(run_dir: str | Path, warn: Any = print) -> LoadedCheckpoint | None:

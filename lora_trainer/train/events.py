@@ -22,6 +22,16 @@ class SampleEvent:
     step: int
     paths: list[Path]
     images: list[Any] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # text-generation: "prompt -> answer" lines
+
+
+@dataclass
+class EvalEvent:
+    """Validation of a text-generation run: loss per answer token and its perplexity."""
+
+    step: int
+    loss: float
+    perplexity: float
 
 
 @dataclass

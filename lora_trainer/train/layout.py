@@ -82,6 +82,10 @@ class RunLayout:
             raise UnsafePathError(f"log_dir {self.log_setting} is outside output_dir {self.output_dir}") from None
         return inside(self.output_dir, str(relative))
 
+    def output_names(self) -> tuple[str, ...]:
+        """Names of the finished outputs in ``output_dir``; ``.<name>.*.tmp`` is a half-written one."""
+        return self.lora_file.name, self.config_file.name
+
     def written_paths(self, run_id: str, step: int = 1) -> list[Path]:
         """Every path a run of this layout writes (files, or folders it writes into)."""
         return [self.output_dir, self.lora_file, self.config_file, self.preview_file, self.checkpoints_root,

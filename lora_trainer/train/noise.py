@@ -7,13 +7,17 @@ import torch
 from lora_trainer.train.transfer import to_device
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise like ``latents``; ``noise_offset`` adds a per-channel constant (brightness range)."""
-    shape = latents.shape
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0, *,
+                 batch: int | None = None, rows: slice = slice(None)) -> torch.Tensor:
+    """Gaussian noise like ``latents``; ``noise_offset`` adds a per-channel constant (brightness range).
+
+    With ``batch``, the noise of that many samples is drawn (a data-parallel run's global batch) and its ``rows``
+    (this process's share) are returned: each sample's noise depends on its place in the batch, not the process."""
+    shape = (latents.shape[0] if batch is None else batch, *latents.shape[1:])
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-    return to_device(noise, latents.device)
+    return to_device(noise[rows], latents.device)
 
 
 def sample_timesteps(batch: int, num_timesteps: int, generator: torch.Generator) -> torch.Tensor:

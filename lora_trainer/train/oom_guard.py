@@ -26,9 +26,23 @@ OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
 
 @dataclass
 class UpdateStart:
+    """Where an update starts: its first micro-step and the random state, to run it again from there."""
+
     micro_step: int
     cpu_rng: torch.Tensor
     cuda_rng: list[torch.Tensor] | None
+
+    @classmethod
+    def capture(cls, micro_step: int, device: torch.device) -> UpdateStart:
+        return cls(micro_step, torch.get_rng_state(),
+                   torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+
+    def restore(self) -> int:
+        """Put the random state back; the micro-step to start the update from."""
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        return self.micro_step
 
 
 class OomGuard:
@@ -41,8 +55,7 @@ class OomGuard:
         self._start: UpdateStart | None = None
 
     def begin(self, micro_step: int) -> None:
-        cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
-        self._start = UpdateStart(micro_step, torch.get_rng_state(), cuda)
+        self._start = UpdateStart.capture(micro_step, self.device)
 
     def recover(self, error: BaseException, optimizer: torch.optim.Optimizer) -> tuple[Settings, str, int]:
         """Free memory, restore the random state; return the stepped-down settings, what changed and the
@@ -56,10 +69,13 @@ class OomGuard:
             raise error
         self.settings, change = step
         self.changes.append(change)
-        torch.set_rng_state(self._start.cpu_rng)
-        if self._start.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self._start.cuda_rng)
-        return self.settings, change, self._start.micro_step
+        return self.settings, change, self.rollback()
+
+    def rollback(self) -> int:
+        """Put the random state back to the start of the update; the micro-step it started from."""
+        if self._start is None:
+            raise RuntimeError("rollback() before begin()")
+        return self._start.restore()
 
 
 def device_memory_fraction(device: torch.device) -> float | None:

@@ -33,3 +33,23 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=max(total_steps, 1))
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scheduler, params: list[torch.nn.Parameter],
+                 max_grad_norm: float, scaler=None) -> float:
+    """One optimizer update from the summed gradients: unscale (fp16), clip, step, advance the schedule.
+
+    Returns the learning rate the update used.
+    """
+    if scaler:
+        scaler.unscale_(optimizer)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return lr

@@ -67,9 +67,10 @@ class StepPlan:
     updates_per_epoch: int
 
 
-def plan_steps(cfg: TrainConfig, items: list[TrainItem]) -> StepPlan:
-    """The run's step count from the data set; more than MAX_TOTAL_STEPS is refused before any work."""
-    batches = len(epoch_batches(items, cfg.batch_size, seed=cfg.seed, epoch=0, repeats=cfg.repeats))
+def plan_steps(cfg: TrainConfig, items: list[TrainItem], processes: int = 1) -> StepPlan:
+    """The run's step count from the data set (``processes`` share each batch of ``batch_size`` x processes);
+    more than MAX_TOTAL_STEPS is refused before any work."""
+    batches = len(epoch_batches(items, cfg.batch_size * processes, seed=cfg.seed, epoch=0, repeats=cfg.repeats))
     updates = math.ceil(batches / cfg.gradient_accumulation_steps)
     total = cfg.max_steps or cfg.epochs * updates
     if total > MAX_TOTAL_STEPS:
@@ -86,11 +87,15 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def estimate_line(cfg: TrainConfig, plan: StepPlan, images: int, device: torch.device) -> str:
-    """One line printed before training: the step count and a rough duration."""
+def estimate_line(cfg: TrainConfig, plan: StepPlan, images: int, device: torch.device, processes: int = 1) -> str:
+    """One line printed before training: the step count, the batch and a rough duration."""
     per_image = _SECONDS_PER_IMAGE.get(device.type, _SECONDS_PER_IMAGE["cpu"]) * (cfg.resolution / 512) ** 2
     seconds = plan.total * cfg.batch_size * cfg.gradient_accumulation_steps * per_image
+    batch = f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps}"
+    if processes > 1:
+        batch += (f" x {processes} processes = {cfg.batch_size * cfg.gradient_accumulation_steps * processes} "
+                  "per step")
     return (f"plan: {plan.total} steps ({plan.total / plan.updates_per_epoch:.3g} epochs of {plan.updates_per_epoch} "
-            f"steps; {images} images x {cfg.repeats} repeats, batch {cfg.batch_size} x "
-            f"{cfg.gradient_accumulation_steps}, {cfg.resolution} px); rough duration {format_duration(seconds)} on "
-            f"{device.type} for an SD1.x-size model (the progress bar shows the measured ETA)")
+            f"steps; {images} images x {cfg.repeats} repeats, {batch}, {cfg.resolution} px); rough duration "
+            f"{format_duration(seconds)} on {device.type} for an SD1.x-size model (the progress bar shows the "
+            "measured ETA)")

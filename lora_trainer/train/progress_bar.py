@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from lora_trainer.train.events import (
     CheckpointEvent,
+    EvalEvent,
     GridEvent,
     MessageEvent,
     SampleEvent,
@@ -35,6 +36,10 @@ class ProgressBar:
             tqdm.write(f"checkpoint: {event.path}")
         elif isinstance(event, SampleEvent):
             tqdm.write(f"samples at step {event.step}: {', '.join(str(p) for p in event.paths)}")
+            for text in event.texts:
+                tqdm.write(f"  {text}")
+        elif isinstance(event, EvalEvent):
+            tqdm.write(f"step {event.step}: eval loss {event.loss:.4f}, perplexity {event.perplexity:.2f}")
         elif isinstance(event, ValidationEvent):
             tqdm.write(f"validation at step {event.step}: {event.loss:.4f} (training images {event.train_loss:.4f};"
                        f" best: step {event.best_step}, {event.best_loss:.4f})")

@@ -66,6 +66,26 @@ class QualityReport:
     grid_cells: int = 0
 
 
+def snapshot_due(cfg: TrainConfig, step: int, epoch: int, new_epoch: bool, total: int) -> bool:
+    """An epoch snapshot after update ``step``: it ended epoch ``epoch`` (``new_epoch``), one of every
+    ``save_every_n_epochs``, and it is not the last update (the final LoRA is that one)."""
+    every = cfg.save_every_n_epochs
+    return bool(every) and new_epoch and epoch % every == 0 and step < total
+
+
+def validation_due(cfg: TrainConfig, step: int, new_epoch: bool, total: int) -> bool:
+    """A validation after update ``step``: every ``validate_every`` updates (0: at each epoch's end) and at the end."""
+    every = cfg.validate_every
+    return step >= total or (step % every == 0 if every else new_epoch)
+
+
+def watch_due(cfg: TrainConfig, validating: bool, step: int, epoch: int, new_epoch: bool, total: int) -> bool:
+    """Whether :meth:`RunWatch.after_update` has work after update ``step``: the same answer in every process of
+    a data-parallel run (the trainer reads its pending losses first, and the processes agree on stopping)."""
+    return snapshot_due(cfg, step, epoch, new_epoch, total) or (validating and validation_due(cfg, step, new_epoch,
+                                                                                             total))
+
+
 @dataclass
 class Validators:
     """The two fixed-noise measures of a run: on the held-out images, and on a few training images."""
@@ -91,13 +111,13 @@ def prepare_validation(cfg: TrainConfig, backbone: Any, train_items: list[TrainI
 class RunWatch:
     """Validation, overfitting alarm, snapshots and grid around one training loop.
 
-    ``metadata(step)`` gives the LoRA metadata of the run at ``step`` (for snapshot files); ``progress`` is
-    where the loop starts (0, or a resumed checkpoint) and ``epoch`` the epoch it is in.
+    ``metadata(step)`` gives the LoRA metadata of the run at ``step`` (for snapshot files). In a data-parallel
+    run only the main process has one (it writes the files; the others follow its decision to stop).
     """
 
     def __init__(self, cfg: TrainConfig, backbone: Any, roots: dict, validators: Validators | None,
-                 bus: EventBus, writer: Any, progress: ckpt.Progress, epoch: int, resume_path: Path | None, *,
-                 metadata: Callable[[int], dict[str, str]], fallback_prompt: str = "") -> None:
+                 bus: EventBus, writer: Any, resume_path: Path | None, *, metadata: Callable[[int], dict[str, str]],
+                 fallback_prompt: str = "") -> None:
         self.cfg, self.backbone, self.roots, self.bus, self.writer = cfg, backbone, roots, bus, writer
         self.output_dir = Path(cfg.output_dir)
         self.metadata = metadata
@@ -106,7 +126,6 @@ class RunWatch:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.early_stopped = False
         self.validators = validators
-        self.last_epoch = epoch
         if resume_path is not None:
             self._resume(resume_path)
         elif cfg.save_every_n_epochs or validators:
@@ -116,32 +135,15 @@ class RunWatch:
                                                                                  ["loss", "validation_loss"]]}})
 
     # ---- during the loop --------------------------------------------------------------------------
-    def _snapshot_due(self, epoch: int, step: int, total: int) -> bool:
-        every = self.cfg.save_every_n_epochs
-        return bool(every) and epoch > self.last_epoch and epoch % every == 0 and step < total
-
-    def _validation_due(self, epoch: int, step: int, total: int) -> bool:
-        if self.validators is None:
-            return False
-        every = self.cfg.validate_every
-        return step >= total or (step % every == 0 if every else epoch > self.last_epoch)
-
-    def due(self, step: int, epoch: int, total: int) -> bool:
-        """Whether :meth:`after_update` writes a snapshot or validates after update ``step`` (so the trainer
-        reads its pending losses first: nothing after a non-finite step is measured or saved)."""
-        return self._snapshot_due(epoch, step, total) or self._validation_due(epoch, step, total)
-
-    def after_update(self, step: int, epoch: int, total: int) -> bool:
-        """Snapshot and validate when due (``epoch``: the epoch the next micro-batch is in); True when the run
-        should stop here (early stop). Reads the device only when it validates."""
+    def after_update(self, step: int, epoch: int, new_epoch: bool, total: int) -> bool:
+        """Snapshot and validate when due (see :func:`watch_due`; ``epoch``: the epochs completed, ``new_epoch``:
+        this update completed one); True when the run should stop here (early stop). Reads the device only then."""
         cfg = self.cfg
-        if self._snapshot_due(epoch, step, total):
+        if snapshot_due(cfg, step, epoch, new_epoch, total):
             path = snaps.save_snapshot(snaps.epoch_snapshot_path(self.output_dir, cfg.output_name, epoch),
                                        self.roots, cfg.lora_alpha, self.metadata(step), kind="epoch")
             self.bus.emit(SnapshotEvent(step, path, "epoch", epoch))
-        validate = self._validation_due(epoch, step, total)
-        self.last_epoch = max(epoch, self.last_epoch)
-        return validate and self._validate(step)
+        return self.validators is not None and validation_due(cfg, step, new_epoch, total) and self._validate(step)
 
     def _validate(self, step: int) -> bool:
         loss = self.validators.held_out(self.roots.values())

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_trainer.config import TrainConfig
+from lora_trainer.config import IMAGE_KEYS, TrainConfig
 from lora_trainer.data.dataset import DatasetScan
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.train import checkpoint as ckpt
@@ -31,6 +31,9 @@ IDENTITY_KEYS = ("task_type", "trigger_word", "resolution", "bucket", "repeats",
                  "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "train_text_encoder", "epochs",
                  "max_steps", "learning_rate", "text_encoder_lr", "optimizer", "weight_decay", "max_grad_norm",
                  "scheduler", "warmup_steps", "min_snr_gamma", "noise_offset", "seed")
+# a text-generation run: the same minus the image-only keys, plus what shapes its token sequences
+TEXT_IDENTITY_KEYS = (*(key for key in IDENTITY_KEYS if key not in IMAGE_KEYS), "max_seq_length", "train_on_prompt",
+                      "validation_split")
 Log = Callable[[str], None]
 
 
@@ -48,24 +51,28 @@ class InterruptedRunExists(ResumeRefused):
                          "start it again from step 0")
 
 
-def data_files(scan: DatasetScan) -> dict[str, list]:
-    """``relative path -> [size, mtime_ns, caption hash]`` of every usable image: cheap, and any edit shows."""
+def data_files(scan: DatasetScan, with_times: bool = True) -> dict[str, list]:
+    """``relative path -> [size, mtime_ns, caption hash]`` of every usable image: cheap, and any edit shows.
+    Without ``with_times``, ``[size, caption hash]`` (the same on a copy of the data on another machine)."""
     files: dict[str, list] = {}
     for item in scan.items:
         stat = item.path.stat()
         name = item.path.relative_to(scan.folder).as_posix() if scan.folder else str(item.path)
-        files[name] = [stat.st_size, stat.st_mtime_ns, hashlib.sha256(item.caption.encode()).hexdigest()[:16]]
+        caption = hashlib.sha256(item.caption.encode()).hexdigest()[:16]
+        files[name] = [stat.st_size, stat.st_mtime_ns, caption] if with_times else [stat.st_size, caption]
     return files
 
 
-def weight_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The identity settings of ``cfg`` (``epochs`` only counts when ``max_steps`` is unset)."""
-    settings = {key: getattr(cfg, key) for key in IDENTITY_KEYS}
+def weight_settings(cfg: TrainConfig, processes: int = 1) -> dict[str, Any]:
+    """The identity settings of ``cfg`` trained by ``processes`` data-parallel processes (``epochs`` only counts
+    when ``max_steps`` is unset)."""
+    keys = TEXT_IDENTITY_KEYS if cfg.task_type == "text-generation" else IDENTITY_KEYS
+    settings = {key: getattr(cfg, key) for key in keys}
     settings["target_modules"] = list(cfg.target_modules)
     settings["base_model"] = Path(cfg.base_model).name if cfg.base_model else None
     # the batch per update, not how it is split: the out-of-memory ladder halves batch_size and doubles the
-    # accumulation, and a run may resume with a smaller batch that fits
-    settings["effective_batch"] = cfg.batch_size * cfg.gradient_accumulation_steps
+    # accumulation, a run may resume with a smaller batch that fits, or under another number of processes
+    settings["effective_batch"] = cfg.batch_size * cfg.gradient_accumulation_steps * processes
     if cfg.max_steps:
         settings["epochs"] = None
     return settings
@@ -92,8 +99,8 @@ class RunIdentity:
         return _digest({"name": self.output_name, "data": self.data_hash, "settings": self.settings})[:12]
 
     @classmethod
-    def of(cls, cfg: TrainConfig, scan: DatasetScan) -> RunIdentity:
-        return cls(cfg.output_name, data_files(scan), weight_settings(cfg))
+    def of(cls, cfg: TrainConfig, scan: DatasetScan, processes: int = 1) -> RunIdentity:
+        return cls(cfg.output_name, data_files(scan), weight_settings(cfg, processes))
 
 
 def differences(record: dict[str, Any], identity: RunIdentity) -> list[str]:
@@ -145,14 +152,17 @@ def run_dirs(root: Path, name: str | None = None) -> list[Path]:
 
 
 def remove_stale_temporaries(layout: RunLayout) -> list[Path]:
-    """Delete what a killed run named ``layout.output_name`` left half-written: temporary files of its LoRA and
-    config (``.<name>.safetensors.*.tmp``), unfinished checkpoint folders of its runs, and the old layout's."""
+    """Delete what a killed run named ``layout.output_name`` left half-written: temporary files (or folders) of
+    its outputs (``.<name>.safetensors.*.tmp``), unfinished checkpoint folders of its runs, and the old layout's."""
     removed = []
-    prefixes = tuple(f".{layout.output_name}{suffix}." for suffix in (".safetensors", ".config.yaml"))
+    prefixes = tuple(f".{name}." for name in layout.output_names())
     if layout.output_dir.is_dir():
         for path in layout.output_dir.iterdir():
-            if path.name.startswith(prefixes) and path.name.endswith(ckpt.TMP_SUFFIX) and path.is_file():
-                path.unlink(missing_ok=True)
+            if path.name.startswith(prefixes) and path.name.endswith(ckpt.TMP_SUFFIX) and not path.is_symlink():
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 removed.append(path)
     root = layout.checkpoints_root
     if root.is_dir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -16,7 +17,6 @@ import torch.nn.functional as F
 
 from lora_trainer.config import TrainConfig, dump_config
 from lora_trainer.data.dataset import DatasetScan, TrainItem, load_pixels, scan_dataset
-from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text, reporting_os_errors
 from lora_trainer.lora.export import save_lora
 from lora_trainer.lora.inject import inject_lora, load_lora_state_dict, lora_state_dict, remove_lora
@@ -26,6 +26,7 @@ from lora_trainer.models.backbone import Backbone
 from lora_trainer.models.state import restore_model_state, snapshot_model_state
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train import preflight, runs
+from lora_trainer.train.distributed import SINGLE, Distributed, PeerLost
 from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, SampleEvent, StepEvent
 from lora_trainer.train.fast_paths import fast_paths
 from lora_trainer.train.layout import RunLayout
@@ -34,11 +35,13 @@ from lora_trainer.train.memory_plan import Settings as MemorySettings
 from lora_trainer.train.memory_plan import plan_run as plan_memory
 from lora_trainer.train.micro_batches import MicroBatches
 from lora_trainer.train.noise import add_noise, min_snr_weights, sample_noise, sample_timesteps, training_target
+from lora_trainer.train.non_finite import NonFiniteLossError, non_finite_message, refuse_non_finite_weights
 from lora_trainer.train.oom_guard import OOM_ERRORS, OomGuard, SpillWatch, device_memory_fraction
-from lora_trainer.train.optim import build_optimizer, build_scheduler
+from lora_trainer.train.optim import apply_update, build_optimizer, build_scheduler
 from lora_trainer.train.preflight import StepPlan, resolve_device
 from lora_trainer.train.preview import write_preview
-from lora_trainer.train.quality import QualityReport, RunWatch, Validators, hold_out, prepare_validation
+from lora_trainer.train.quality import QualityReport, RunWatch, Validators, hold_out, prepare_validation, watch_due
+from lora_trainer.train.tensorboard import open_summary_writer
 from lora_trainer.train.transfer import to_device
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -57,10 +60,6 @@ class TrainResult:
     sample_paths: list[Path] = field(default_factory=list)
     preview_path: Path | None = None
     quality: QualityReport | None = None  # validation, best step, overfitting alarm, snapshots, grid
-
-
-class NonFiniteLossError(UserError):
-    """The loss (or the gradients) became NaN or infinite; the update was not applied."""
 
 
 class _StoppedWhileCaching(Exception):
@@ -85,19 +84,24 @@ def step_generator(seed: int, micro_step: int) -> torch.Generator:
 
 
 class Trainer:
-    """Runs one training job. ``should_stop`` is polled every micro-batch (Ctrl-C, the WebUI's Interrupt)."""
+    """Runs one training job. ``should_stop`` is polled every micro-batch (Ctrl-C, the WebUI's Interrupt).
 
-    watch: RunWatch | None = None  # validation, snapshots and grid of the run in progress
-    validators: Validators | None = None  # the held-out images' measure, set by run() before the loop
+    ``dist`` is this process's place in a data-parallel run (:mod:`lora_trainer.train.distributed`): each
+    process trains its share of every batch and only the main one writes files."""
+
+    watch: RunWatch | None = None  # validation, snapshots and grid of the run in progress (the main process's)
+    validators: Validators | None = None  # the held-out images' measure (main process), set by run() before the loop
+    validating: bool = False  # the run has held-out images (the same in every process)
 
     def __init__(self, cfg: TrainConfig, backbone: Backbone | None = None, *,
                  events: EventBus | None = None, should_stop: Callable[[], bool] | None = None,
-                 restore_backbone: bool = True) -> None:
+                 restore_backbone: bool = True, dist: Distributed = SINGLE) -> None:
         self.cfg = cfg
         self.backbone = backbone
         self.bus = events or EventBus()
         self.should_stop = should_stop or (lambda: False)
         self.restore_backbone = restore_backbone
+        self.dist = dist
 
     # ---- setup ------------------------------------------------------------------------------------
     def _log(self, text: str, level: str = "info") -> None:
@@ -140,29 +144,38 @@ class Trainer:
         """Check everything that can be checked before the model loads, then train; OSErrors become one line."""
         cfg = self.cfg
         layout = RunLayout.of(cfg)
-        device = resolve_device(cfg.device)
+        device = self.dist.device or resolve_device(cfg.device)
         dtype = resolve_precision(cfg.mixed_precision, device)
-        if layout.lora_file.exists() and not cfg.overwrite:
-            raise FileExistsError(f"{layout.lora_file} exists; set overwrite: true or choose another output_name")
+        self.dist.on_main(lambda: self._refuse_existing(layout))
         with reporting_os_errors(layout.output_dir):
             return self._run(layout, device, dtype)
 
-    def _run(self, layout: RunLayout, device: torch.device, dtype: torch.dtype) -> TrainResult:
-        cfg = self.cfg
+    def _refuse_existing(self, layout: RunLayout) -> None:
+        if layout.lora_file.exists() and not self.cfg.overwrite:
+            raise FileExistsError(f"{layout.lora_file} exists; set overwrite: true or choose another output_name")
+
+    def _prepare_output(self, layout: RunLayout) -> None:
         preflight.check_output_dir(layout.output_dir)
         for path in runs.remove_stale_temporaries(layout):
             self._log(f"removed {path.name}, left unfinished by an interrupted run")
+
+    def _run(self, layout: RunLayout, device: torch.device, dtype: torch.dtype) -> TrainResult:
+        cfg, dist = self.cfg, self.dist
+        dist.on_main(lambda: self._prepare_output(layout))  # only the main process writes files
         scan, held_out = hold_out(self._scan(), cfg, self._log)
+        self.validating = bool(held_out)
+        if dist.enabled:
+            dist.agree(runs.data_files(scan, with_times=False), "the training data")
         if self.backbone is None:
             from lora_trainer.models.loading import check_base_model
 
             check_base_model(cfg.base_model)
-        steps = preflight.plan_steps(cfg, scan.items)
-        plan = runs.plan_run(cfg, layout, runs.RunIdentity.of(cfg, scan), steps.total,
-                             log=lambda text: self._log(text, "warning"))
+        steps = preflight.plan_steps(cfg, scan.items, dist.world_size)
+        plan = dist.on_main(lambda: runs.plan_run(cfg, layout, runs.RunIdentity.of(cfg, scan, dist.world_size),
+                                                  steps.total, log=lambda text: self._log(text, "warning")))
         for note in plan.notes:
             self._log(note)
-        self._log(preflight.estimate_line(cfg, steps, len(scan.items), device))
+        self._log(preflight.estimate_line(cfg, steps, len(scan.items), device, dist.world_size))
         backbone = self._load_backbone(device, dtype)
         states_before = [(m, snapshot_model_state(m)) for m in backbone.frozen_modules()]
         roots: dict = {}
@@ -177,15 +190,17 @@ class Trainer:
             if self._plan_memory(backbone, roots, device, dtype, len(latents or ()), text_cache):
                 scan, held_out = hold_out(self._scan(), self.cfg, lambda *_: None)  # auto_fit lowered the resolution
                 latents = self._encode_latents(scan.items) if self.cfg.cache_latents else None
-            self.validators = prepare_validation(self.cfg, backbone, scan.items, held_out,
-                                                 lambda: self._autocast(device, dtype))
+            if dist.is_main:  # before the encoders leave the device: the held-out images are encoded once
+                self.validators = prepare_validation(self.cfg, backbone, scan.items, held_out,
+                                                     lambda: self._autocast(device, dtype))
             backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
             with fast_paths(roots["lora_unet"], channels_last=cfg.channels_last, compile_model=cfg.torch_compile,
                             notify=self._log):
                 return self._train(scan, backbone, roots, device, dtype, plan, layout, steps, latents, text_cache)
-        except _StoppedWhileCaching as stopped:
+        except (_StoppedWhileCaching, PeerLost) as stopped:
             resumed = plan.resume
-            self._log(f"interrupted while {stopped}; nothing new to save"
+            why = str(stopped) if isinstance(stopped, PeerLost) else f"interrupted while {stopped}"
+            self._log(f"{why}; nothing new to save"
                       + (f" (the run can still resume from {resumed.path})" if resumed else ""), "warning")
             return TrainResult(resumed.progress.global_step if resumed else 0, steps.total,
                                list(resumed.progress.losses) if resumed else [],
@@ -208,26 +223,15 @@ class Trainer:
         for line in plan.report():
             self._log(line, "info" if plan.fits and not plan.changes else "warning")
         resolution = self.cfg.resolution
-        if plan.changes:
-            self.cfg = dataclasses.replace(self.cfg, **dataclasses.asdict(plan.settings))
+        settings = self.dist.from_main(plan.settings if plan.changes else None)  # every process the same
+        if settings is not None:
+            self.cfg = dataclasses.replace(self.cfg, **dataclasses.asdict(settings))
         return self.cfg.resolution != resolution
-
-    def _resume(self, loaded: ckpt.LoadedCheckpoint, roots: dict, optimizer, scheduler) -> ckpt.Progress:
-        """Put a checkpoint's LoRA weights, optimizer, schedule and RNG back; a misfit is a CheckpointError."""
-        try:
-            load_lora_state_dict(roots, loaded.lora_state)
-            optimizer.load_state_dict(loaded.optimizer)
-            scheduler.load_state_dict(loaded.scheduler)
-            ckpt.restore_rng_state(loaded.rng)
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise ckpt.CheckpointError(f"checkpoint {loaded.path} does not fit this run's LoRA layers "
-                                       f"({str(err)[:300]}); start a new run without resume_from") from None
-        return loaded.progress
 
     def _train(self, scan: DatasetScan, backbone: Backbone, roots: dict, device: torch.device,
                dtype: torch.dtype, plan: runs.RunPlan, layout: RunLayout, steps: StepPlan, latents: dict | None,
                text_cache: dict | None) -> TrainResult:
-        cfg = self.cfg
+        cfg, dist = self.cfg, self.dist
         items = scan.items
         for p in (p for m in roots.values() for p in m.parameters() if p.requires_grad):
             p.data = p.data.float()
@@ -238,36 +242,38 @@ class Trainer:
             groups.append({"params": te_params, "lr": cfg.resolved_text_encoder_lr()})
         all_params = unet_params + te_params
         total = steps.total
-        stream = MicroBatches(items, cfg.batch_size, cfg.seed, cfg.repeats)
+        stream = MicroBatches(items, cfg.batch_size * dist.world_size, cfg.seed, cfg.repeats)
         optimizer = build_optimizer(cfg, groups, device, notify=self.bus.emit)
         scheduler = build_scheduler(cfg, optimizer, total)
         progress = ckpt.Progress(started_at=time.time())
         if plan.resume is not None:
-            progress = self._resume(plan.resume, roots, optimizer, scheduler)
+            progress = ckpt.restore_training_state(plan.resume, lambda state: load_lora_state_dict(roots, state),
+                                                   optimizer, scheduler, "LoRA layers")
             self._log(f"resumed from {plan.resume.path} at step {progress.global_step}/{total}")
         backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
         for module in roots.values():
             module.train()
         scaler = torch.cuda.amp.GradScaler() if device.type == "cuda" and dtype == torch.float16 else None
-        writer = self._tensorboard(layout)
+        writer = self._tensorboard(layout) if dist.is_main else None
         result = TrainResult(progress.global_step, total, progress.losses,
                              checkpoint=plan.resume.path if plan.resume else None)
         loss_log = LossLog(every_seconds=LossLog.interval_for(device))
         guard = OomGuard(MemorySettings.of(cfg), device)
         spill = SpillWatch(lambda: device_memory_fraction(device))
-        self.watch = watch = RunWatch(
-            cfg, backbone, roots, self.validators, self.bus, writer, progress, stream.epoch_of(progress.micro_step),
-            plan.resume.path if plan.resume else None,
-            metadata=lambda step: self._metadata(dataclasses.replace(progress, global_step=step), scan, total),
-            fallback_prompt=items[0].caption)
+        if dist.is_main:
+            self.watch = RunWatch(
+                cfg, backbone, roots, self.validators, self.bus, writer, plan.resume.path if plan.resume else None,
+                metadata=lambda step: self._metadata(dataclasses.replace(progress, global_step=step), scan, total),
+                fallback_prompt=items[0].caption)
+        watch, early_stopped = self.watch, False
 
         def log_steps() -> None:
             """Read every pending step's loss in one host transfer; report it, or stop on a non-finite one."""
             logged = loss_log.flush()
             for entry in logged:
                 if not math.isfinite(entry.loss):
-                    raise NonFiniteLossError(self._non_finite_message(entry.loss, entry.step, total,
-                                                                      result.checkpoint))
+                    raise NonFiniteLossError(non_finite_message(entry.loss, entry.step, total, result.checkpoint,
+                                                                cfg.learning_rate))
                 progress.losses.append(entry.loss)
                 self.bus.emit(StepEvent(entry.step, total, entry.epoch, entry.loss, entry.lr, entry.seconds))
                 if writer:
@@ -276,12 +282,14 @@ class Trainer:
             if logged and (warning := spill.observe(logged[-1].seconds, len(logged))):
                 self._log(warning, "warning")
 
+        stopping = False  # data-parallel: a stop asked for on any process, agreed at the last update
         try:
             while progress.global_step < total:
-                if self.should_stop():
+                if stopping or (not dist.enabled and self.should_stop()):
                     result.interrupted = True
                     break
                 guard.begin(progress.micro_step)
+                epoch_before = stream.epoch_of(progress.micro_step)
                 optimizer.zero_grad(set_to_none=True)
                 micro_losses = []
                 failure = None
@@ -291,47 +299,48 @@ class Trainer:
                         gen = step_generator(cfg.seed, progress.micro_step)
                         with self._autocast(device, dtype):
                             loss = self._micro_loss(indices, items, latents, text_cache, gen, device)
-                        scaled = loss / cfg.gradient_accumulation_steps
-                        (scaler.scale(scaled) if scaler else scaled).backward()
-                        micro_losses.append(loss.detach())
+                        if loss is not None:  # None: this process's share of a short batch is empty
+                            scaled = loss / cfg.gradient_accumulation_steps
+                            (scaler.scale(scaled) if scaler else scaled).backward()
+                            loss = loss.detach()
+                        micro_losses.append(loss)
                         progress.micro_step += 1
                 except OOM_ERRORS as error:
                     failure = error.with_traceback(None)  # its frames would keep the failed step's tensors alive
+                if dist.enabled:
+                    micro_losses, stopping, failure = self._sync_update(all_params, micro_losses, failure)
                 if failure is not None:
                     loss = scaled = micro_losses = None
                     settings, change, progress.micro_step = guard.recover(failure, optimizer)
                     cfg = self.cfg = dataclasses.replace(cfg, **dataclasses.asdict(settings))
-                    stream = MicroBatches(items, cfg.batch_size, cfg.seed, cfg.repeats)
+                    stream = MicroBatches(items, cfg.batch_size * dist.world_size, cfg.seed, cfg.repeats)
                     backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
                     self._log(f"out of memory at step {progress.global_step + 1}; {change}; the step runs again",
                               "warning")
                     continue
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(all_params, cfg.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
+                lr = apply_update(optimizer, scheduler, all_params, cfg.max_grad_norm, scaler)
                 progress.global_step += 1
                 epoch = stream.epoch_of(progress.micro_step)
                 loss_log.add(progress.global_step, epoch, lr, micro_losses)
                 saving = cfg.save_steps and progress.global_step % cfg.save_steps == 0
                 sampling = cfg.sample_every and progress.global_step % cfg.sample_every == 0
-                watching = watch.due(progress.global_step, epoch, total)  # validation or an epoch snapshot
+                new_epoch = epoch > epoch_before
+                watching = watch_due(cfg, self.validating, progress.global_step, epoch, new_epoch, total)
                 if loss_log.due() or ((saving or sampling) and progress.global_step < total) or watching:
                     log_steps()  # also the non-finite check: nothing after a bad step is ever saved
-                if watching and watch.after_update(progress.global_step, epoch, total):
-                    break  # early stop: overfitting
+                if watching and dist.on_main(functools.partial(RunWatch.after_update, watch, progress.global_step,
+                                                               epoch, new_epoch, total)):
+                    early_stopped = True  # overfitting: the main process validated, every process stops here
+                    break
                 if saving and progress.global_step < total:
                     result.checkpoint = self._save_checkpoint(plan, progress, roots, optimizer, scheduler)
                 if sampling and progress.global_step < total:
                     result.sample_paths += self._samples(layout, progress.global_step, writer)
         except KeyboardInterrupt:
+            result.interrupted = True
+        except PeerLost as lost:  # the update in flight was not applied: the run stands at its start
+            self._log(str(lost), "warning")
+            progress.micro_step = guard.rollback()
             result.interrupted = True
         finally:
             try:
@@ -339,7 +348,7 @@ class Trainer:
             finally:
                 if writer:
                     writer.flush()
-                    if not (result.interrupted or progress.global_step >= total or watch.early_stopped):
+                    if not (result.interrupted or progress.global_step >= total or early_stopped):
                         writer.close()  # an error: nothing more comes
         result.steps_done = progress.global_step
         result.losses = progress.losses
@@ -356,6 +365,9 @@ class Trainer:
             if writer:
                 writer.close()
             return result
+        if not dist.is_main:  # the main process writes the outputs; the others are done
+            result.lora_path = layout.lora_file
+            return result
         exported = watch.before_export(progress)  # early stop: the best step's weights
         if cfg.sample_prompts:
             result.sample_paths += self._samples(layout, exported.global_step, writer)
@@ -369,12 +381,16 @@ class Trainer:
             result.preview_path = self._preview(scan, exported.global_step)
         return result
 
-    def _non_finite_message(self, loss: float, step: int, total: int, checkpoint: Path | None) -> str:
-        kept = (f"the last good checkpoint {checkpoint} is kept" if checkpoint else
-                "no checkpoint had been written yet (save_steps is 0 or not reached)")
-        return (f"the loss became {loss} at step {step}/{total}; training stopped, nothing from that step on was "
-                f"saved and {kept}. Lower learning_rate (now {self.cfg.learning_rate:g}) or use mixed_precision: "
-                "bf16 or no, then start again")
+    def _sync_update(self, params: list[torch.Tensor], micro_losses: list[torch.Tensor | None],
+                     failure: BaseException | None) -> tuple[list[torch.Tensor], bool, BaseException | None]:
+        """Data-parallel: sum the gradients and losses over the processes and agree on stopping and on running
+        the update again (out of memory anywhere); the global losses, the stop and the failure to recover from."""
+        missing = self.cfg.gradient_accumulation_steps - len(micro_losses)  # a failure cut them short
+        sync = self.dist.sync_update(params, micro_losses + [None] * missing, stop=self.should_stop(),
+                                     failed=failure is not None)
+        if sync.failed and failure is None:
+            failure = torch.cuda.OutOfMemoryError("CUDA out of memory in another process of this run")
+        return sync.losses, sync.stop, failure
 
     # ---- pieces of a step -------------------------------------------------------------------------
     @staticmethod
@@ -399,18 +415,22 @@ class Trainer:
         return cache
 
     def _micro_loss(self, indices: list[int], items: list[TrainItem], latents: dict | None,
-                    text_cache: dict | None, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+                    text_cache: dict | None, gen: torch.Generator, device: torch.device) -> torch.Tensor | None:
         cfg, backbone = self.cfg, self.backbone
         flips = (torch.rand(len(indices), generator=gen) < 0.5).tolist() if cfg.flip_aug else [False] * len(indices)
         captions = self._captions(indices, items, gen)
+        batch, share = len(indices), self.dist.share(len(indices))  # drawn for the global batch, this share kept
+        indices, flips, captions = indices[share], flips[share], captions[share]
+        if not indices:
+            return None
         if latents is not None:
             x0 = torch.stack([latents[(i, f)] for i, f in zip(indices, flips, strict=True)])
         else:
             pixels = torch.stack([load_pixels(items[i], flip=f) for i, f in zip(indices, flips, strict=True)])
             x0 = backbone.encode_images(pixels).float()
         x0 = x0.to(device)
-        noise = sample_noise(x0, gen, cfg.noise_offset)
-        timesteps = sample_timesteps(x0.shape[0], len(backbone.alphas_cumprod), gen)
+        noise = sample_noise(x0, gen, cfg.noise_offset, batch=batch, rows=share)
+        timesteps = sample_timesteps(batch, len(backbone.alphas_cumprod), gen)[share]
         noisy = add_noise(x0, noise, timesteps, backbone.alphas_cumprod)
         if text_cache is not None:
             cond = torch.stack([text_cache[c] for c in captions]).to(device)
@@ -424,19 +444,17 @@ class Trainer:
         if cfg.min_snr_gamma:
             weights = min_snr_weights(timesteps, backbone.alphas_cumprod, cfg.min_snr_gamma, backbone.prediction_type)
             per_sample = per_sample * weights.to(per_sample.device)
-        return per_sample.mean()
+        # data-parallel: the share's part of the global batch's mean, so the processes' gradients sum to it
+        return per_sample.sum() / batch if self.dist.enabled else per_sample.mean()
 
     # ---- outputs ----------------------------------------------------------------------------------
     def _tensorboard(self, layout: RunLayout):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self._log("tensorboard is not installed; no event files are written", "warning")
-            return None
-        return SummaryWriter(str(layout.log_dir))
+        return open_summary_writer(layout.log_dir, notify=self.bus.emit)
 
     def _samples(self, layout: RunLayout, step: int, writer) -> list[Path]:
         cfg = self.cfg
+        if not self.dist.is_main:
+            return []
         with torch.random.fork_rng(devices=[]):
             images = self.backbone.sample(list(cfg.sample_prompts), seed=cfg.seed, steps=cfg.sample_steps,
                                           width=cfg.resolution, height=cfg.resolution)
@@ -472,10 +490,12 @@ class Trainer:
             cfg=cfg, model_version=self.backbone.model_version, prediction_type=self.backbone.prediction_type,
             captions=[item.caption for item in scan.items], steps=progress.global_step, total_steps=total,
             started_at=progress.started_at, num_images=len(scan.items),
-            buckets=sorted({item.target for item in scan.items}))
+            buckets=sorted({item.target for item in scan.items}), processes=self.dist.world_size)
 
     def _save_checkpoint(self, plan: runs.RunPlan, progress: ckpt.Progress, roots: dict, optimizer,
                          scheduler) -> Path:
+        if not self.dist.is_main:  # the main process writes it (the state is the same in every process)
+            return ckpt.step_folder(plan.run_dir, progress.global_step)
         path = ckpt.save_checkpoint(plan.run_dir, progress, lora_state_dict(roots), optimizer, scheduler,
                                     extra_files=self.watch.checkpoint_files() if self.watch else None)
         self.bus.emit(CheckpointEvent(progress.global_step, path))
@@ -485,10 +505,7 @@ class Trainer:
                 total: int) -> Path:
         cfg = self.cfg
         kohya = to_kohya_state_dict(roots, cfg.lora_alpha)
-        broken = [key for key, value in kohya.items() if not torch.isfinite(value).all()]
-        if broken:
-            raise NonFiniteLossError(f"the trained LoRA holds NaN or infinite values ({broken[0]} ...); it was not "
-                                     "saved. Lower learning_rate and start again")
+        refuse_non_finite_weights(kohya, "LoRA")
         path = save_lora(layout.lora_file, kohya, self._metadata(progress, scan, total), overwrite=cfg.overwrite)
         self._log(f"saved {path}")
         return path

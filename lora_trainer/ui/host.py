@@ -178,6 +178,9 @@ def launch_training(host: Host, job: TrainingJob, cfg: TrainConfig, *, backgroun
     the host's Lora folder and ``cfg.overwrite`` is off, so a run cannot end by failing to install its result;
     and (:class:`ModelMismatch`) a resume on another checkpoint than the run's (see :func:`on_loaded_model`).
     """
+    if cfg.task_type != "text-to-image":
+        raise UserError(f"task_type: {cfg.task_type} is not trained in the WebUI (the LoRA Train tab is for image "
+                        "LoRAs); run it from the command line: python -m lora_trainer train --config <file>")
     check_name_free(host.lora_dir(), cfg.output_name, cfg.overwrite)
     cfg = on_loaded_model(host, cfg)
     job.start(cfg, host.get_backbone, background=background, wrap=host.run_exclusive,

@@ -57,9 +57,12 @@ def find_resumable(host: Host, job: TrainingJob) -> list[tuple[ResumableRun, Tra
             continue
         for run in runs:
             try:
-                found.append((run, run_config(run)))
+                cfg = run_config(run)
             except UserError as err:
                 print(f"[lora_trainer] not offering {run.run_dir} for resuming: {err}")
+                continue
+            if cfg.task_type == "text-to-image":  # a text-generation run resumes from the command line
+                found.append((run, cfg))
     return sorted(found, key=lambda pair: pair[0].saved_at, reverse=True)
 
 

@@ -23,6 +23,21 @@ _X_PROJ = re.compile(r"(.*)_([qkv]_proj)$")
 _OPEN_CLIP_MLP = (("mlp_fc1", "mlp_c_fc"), ("mlp_fc2", "mlp_c_proj"))
 
 
+def module_names_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The names the WebUI gives a built SDXL model's modules (``networks.assign_network_names_to_compvis_modules``:
+    each embedder under its index, the UNet under ``model``) -> their weight's shape (OpenCLIP's fused
+    attention: ``in_proj_weight``)."""
+    named = [(f"{index}_{name}", module) for index, embedder in enumerate(model.conditioner.embedders)
+             for name, module in embedder.named_modules()]
+    out: dict[str, tuple[int, ...]] = {}
+    for name, module in [*named, *model.model.named_modules()]:
+        weight = getattr(module, "in_proj_weight", None)
+        weight = getattr(module, "weight", None) if weight is None else weight
+        if isinstance(weight, torch.Tensor):
+            out[name.replace(".", "_")] = tuple(weight.shape)
+    return out
+
+
 def webui_modules(checkpoint: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """The WebUI's module names of a model loaded from ``checkpoint`` (single-file keys) -> their weight's shape."""
     out: dict[str, tuple[int, ...]] = {}
@@ -77,10 +92,14 @@ def webui_module_for(key: str, modules: dict[str, tuple[int, ...]], *, is_sd2: b
     return converted if converted in modules else None
 
 
-def unmatched_keys(lora: dict[str, torch.Tensor], checkpoint: dict[str, torch.Tensor], *,
-                   is_sd2: bool = False) -> list[str]:
-    """LoRA keys the WebUI would report as not matched, or whose shapes do not fit their module's weight."""
-    modules = webui_modules(checkpoint)
+def unmatched_keys(lora: dict[str, torch.Tensor], checkpoint: dict[str, torch.Tensor] | None = None, *,
+                   is_sd2: bool = False, modules: dict[str, tuple[int, ...]] | None = None) -> list[str]:
+    """LoRA keys the WebUI would report as not matched, or whose shapes do not fit their module's weight.
+
+    ``modules``: the module names and weight shapes of a model the WebUI built (:func:`webui_modules` of
+    ``checkpoint`` when None).
+    """
+    modules = webui_modules(checkpoint) if modules is None else modules
     bad = []
     for key, value in lora.items():
         module = webui_module_for(key, modules, is_sd2=is_sd2)

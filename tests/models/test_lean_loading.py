@@ -31,7 +31,7 @@ RECORDED = {
 def _run(data: Path, out: Path, base_model: Path | str, backbone=None, **overrides) -> list[float]:
     cfg = config_from_dict({"train_data_dir": str(data), "base_model": str(base_model), "output_dir": str(out),
                             "resolution": 64, "batch_size": 2, "max_steps": 6, "lora_rank": 4, "lora_alpha": 4,
-                            "learning_rate": 2e-3, "seed": 7, "device": "cpu", **overrides})
+                            "learning_rate": 2e-3, "seed": 7, "device": "cpu", "preview": False, **overrides})
     return Trainer(cfg, backbone).run().losses
 
 

@@ -297,7 +297,7 @@ def test_sd2_768_v_without_yaml_trains_v_with_v_parameterization(tiny_sd2: tuple
     model.with_suffix(".yaml").unlink()
     cfg = config_from_dict({"train_data_dir": str(shapes_dataset), "base_model": str(model), "resolution": 64,
                             "output_dir": str(tmp_path / "out"), "max_steps": 1, "lora_rank": 2, "device": "cpu",
-                            "v_parameterization": True})
+                            "v_parameterization": True, "preview": False})
     trainer = Trainer(cfg)
     result = trainer.run()
     assert trainer.backbone.model_version == "sd_v2" and trainer.backbone.prediction_type == "v_prediction"

@@ -61,6 +61,47 @@ def test_the_checkpoint_has_the_sgm_layout(tiny_sdxl_checkpoint: Path) -> None:
     assert config["model"]["params"]["network_config"]["params"]["adm_in_channels"] == 32 + 6 * 8
 
 
+def open_clip_text_tower(width: int, layers: int, embed_dim: int) -> dict[str, tuple[int, ...]]:
+    """The weights OpenCLIP builds for a text tower (SDXL's bigG: width 1280, 32 layers, embed_dim 1280) and their
+    shapes; its MLP is always 4x the width (``open_clip`` 2.20, the WebUI's, has no setting for it)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embedding.weight": (49408, width), "positional_embedding": (77, width), "ln_final.weight": (width,),
+        "ln_final.bias": (width,), "text_projection": (width, embed_dim), "logit_scale": ()}
+    for index in range(layers):
+        block = f"transformer.resblocks.{index}."
+        for name, shape in {"ln_1.weight": (width,), "ln_1.bias": (width,), "ln_2.weight": (width,),
+                            "ln_2.bias": (width,), "attn.in_proj_weight": (3 * width, width),
+                            "attn.in_proj_bias": (3 * width,), "attn.out_proj.weight": (width, width),
+                            "attn.out_proj.bias": (width,), "mlp.c_fc.weight": (4 * width, width),
+                            "mlp.c_fc.bias": (4 * width,), "mlp.c_proj.weight": (width, 4 * width),
+                            "mlp.c_proj.bias": (width,)}.items():
+            shapes[block + name] = shape
+    return shapes
+
+
+def test_the_second_text_encoder_has_open_clips_text_tower_layout(tiny_sdxl_checkpoint: Path) -> None:
+    """What the WebUI builds from the yaml (an OpenCLIP text tower) takes every weight of the file, shapes included."""
+    prefix = "conditioner.embedders.1.model."
+    state = load_file(str(tiny_sdxl_checkpoint))
+    tower = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    assert tower == open_clip_text_tower(width=32, layers=3, embed_dim=32)
+
+
+def test_the_yaml_takes_the_first_text_encoders_penultimate_layer(tiny_sdxl_checkpoint: Path) -> None:
+    """sgm's FrozenCLIPEmbedder (and the WebUI's SDXL hijack) use ``hidden_states[layer_idx]``: 11 of SDXL's 12
+    blocks, 1 of the tiny model's 2 (the penultimate, as our SDXLBackbone's ``hidden_states[-2]``)."""
+    from lora_trainer.models.ldm_config import sdxl_config
+    from lora_trainer.models.text_encoders import count_blocks
+
+    state = load_file(str(tiny_sdxl_checkpoint))
+    blocks = count_blocks(state, "conditioner.embedders.0.transformer.text_model.encoder.layers.")
+    config = yaml.safe_load(tiny_sdxl_checkpoint.with_suffix(".yaml").read_text())
+    clip = config["model"]["params"]["conditioner_config"]["params"]["emb_models"][0]["params"]
+    assert (blocks, clip["layer_idx"]) == (2, 1)
+    real = sdxl_config({}, {})["model"]["params"]["conditioner_config"]["params"]["emb_models"][0]["params"]
+    assert real == {"layer": "hidden", "layer_idx": 11}  # Stability's sd_xl_base.yaml
+
+
 def test_without_yaml_every_size_comes_from_the_weights(tiny_sdxl_checkpoint: Path, make_tiny_sdxl_backbone,
                                                         tmp_path: Path) -> None:
     bare = copy_checkpoint(tiny_sdxl_checkpoint, tmp_path, "bare", with_yaml=False)

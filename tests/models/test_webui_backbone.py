@@ -7,13 +7,16 @@ and nothing under test uses them.
 SDXL: ``sgm`` (Stability-AI/generative-models, the commit the WebUI pins) is not on the package index; the SDXL
 tests run when it is importable or ``LORA_TRAINER_SGM_PATH`` names a checkout (the WebUI keeps one in
 ``repositories/generative-models``), and skip otherwise. Its imports of kornia, open_clip and torchvision are
-stubbed when those are absent (only image embedders and the LPIPS loss use them).
+stubbed when those are absent (only image embedders and the LPIPS loss use them). The test that builds the sgm
+model from a tiny SDXL file's own .yaml needs the real open_clip (and torchvision): it runs in the WebUI's venv
+(``LORA_TRAINER_SGM_PATH=<webui>/repositories/generative-models``, pytest on its PYTHONPATH) and skips elsewhere.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.machinery
+import json
 import os
 import sys
 import types
@@ -315,6 +318,78 @@ def test_sdxl_training_in_place_restores_the_model_and_exports_sdxl_names(sdxl_m
 def test_sdxl_text_encoder_training_is_refused_clearly(sdxl_model):
     with pytest.raises(UnsupportedModel, match="train_text_encoder for this SDXL"):
         WebUIBackbone(sdxl_model).lora_roots(True)
+
+
+def _real_open_clip(monkeypatch: pytest.MonkeyPatch, folder) -> types.ModuleType:
+    """``open_clip`` (it needs torchvision: the WebUI's venv has both), with the tiny second text encoder's
+    text tower registered (for this test only) under the arch name it returns as ``.tiny_arch``; or skip."""
+    try:
+        import open_clip
+        import open_clip.factory
+    except (ImportError, RuntimeError) as error:
+        pytest.skip(f"needs open_clip with torchvision, as in the WebUI's venv ({error})")
+    from lora_trainer.models.tiny_sdxl import tiny_open_clip_config
+
+    te2 = tiny_open_clip_config()
+    path = folder / "lora-trainer-tiny-sdxl-te2.json"
+    path.write_text(json.dumps({
+        "embed_dim": te2["projection_dim"],
+        "vision_cfg": {"image_size": 28, "layers": 1, "width": 32, "head_width": 32, "patch_size": 14},
+        "text_cfg": {"context_length": te2["max_position_embeddings"], "vocab_size": te2["vocab_size"],
+                     "width": te2["hidden_size"], "heads": te2["num_attention_heads"],
+                     "layers": te2["num_hidden_layers"]}}))
+    factory = open_clip.factory
+    monkeypatch.setattr(factory, "_MODEL_CONFIG_PATHS", list(factory._MODEL_CONFIG_PATHS))
+    monkeypatch.setattr(factory, "_MODEL_CONFIGS", dict(factory._MODEL_CONFIGS))
+    open_clip.add_model_config(path)
+    open_clip.tiny_arch = path.stem
+    return open_clip
+
+
+def test_a_tiny_sdxl_file_fills_the_webuis_sgm_model_and_our_lora_keys_find_its_modules(
+        monkeypatch, request, tiny_sdxl_checkpoint, _tiny_sdxl_components, tmp_path):
+    """What the WebUI does with a single-file SDXL checkpoint: sgm builds the model from the .yaml beside it (the
+    second text encoder by its OpenCLIP arch name), the file's weights fill it exactly, the conditioner runs (the
+    first encoder's layer_idx is its penultimate layer) and every key of a LoRA we export (te1, te2, UNet) names
+    one of its modules, by the WebUI's own naming, with the right shape."""
+    import yaml
+
+    from tests.lora.helpers import UNET_TARGETS
+    from tests.lora.webui_names import module_names_of, unmatched_keys, webui_modules
+
+    open_clip = _real_open_clip(monkeypatch, tmp_path)
+    request.getfixturevalue("ldm_stubs")  # after open_clip: its stand-in torchvision would hide the real one
+    _import_sgm(monkeypatch)
+    from sgm.util import instantiate_from_config
+
+    config = yaml.safe_load(tiny_sdxl_checkpoint.with_suffix(".yaml").read_text())
+    embedders = config["model"]["params"]["conditioner_config"]["params"]["emb_models"]
+    embedders[1]["params"].update(arch=open_clip.tiny_arch, version=None)  # no download (the WebUI skips it too)
+    for embedder in embedders[:2]:
+        embedder["params"]["device"] = "cpu"
+    model = instantiate_from_config(config["model"]).eval()
+    state = load_file(str(tiny_sdxl_checkpoint))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert (missing, unexpected) == (["denoiser.sigmas"], [])  # a buffer sgm computes
+
+    with torch.no_grad():
+        size = torch.tensor([[64, 64]])
+        cond = model.conditioner({"txt": ["a red circle"], "original_size_as_tuple": size,
+                                  "crop_coords_top_left": torch.tensor([[0, 0]]), "target_size_as_tuple": size})
+        ids = _tiny_sdxl_components["tokenizer"](["a red circle"], padding="max_length", max_length=77,
+                                                 truncation=True, return_tensors="pt").input_ids
+        ours = _tiny_sdxl_components["text_encoder"](ids, output_hidden_states=True).hidden_states[-2]
+    assert cond["crossattn"].shape == (1, 77, 64) and cond["vector"].shape == (1, 32 + 6 * 8)
+    torch.testing.assert_close(cond["crossattn"][..., :32], ours, atol=1e-5, rtol=0)
+
+    real = module_names_of(model)
+    assert webui_modules(state).items() <= real.items()  # the tests' re-statement names the real modules
+    c = {k: copy.deepcopy(v) for k, v in _tiny_sdxl_components.items() if not k.startswith("tokenizer")}
+    roots = {"lora_unet": c["unet"], "lora_te1": c["text_encoder"], "lora_te2": c["text_encoder_2"]}
+    inject_lora(roots, rank=4, alpha=2.0, dropout=0.0, unet_targets=UNET_TARGETS, te_targets=TE_TARGETS)
+    lora = to_kohya_state_dict(roots, 2.0)
+    assert {k.split("_")[1] for k in lora} == {"unet", "te1", "te2"}
+    assert unmatched_keys(lora, modules=real) == []
 
 
 def test_long_prompt_chunks_are_cut_to_one_and_v_prediction_is_read(ldm_model):

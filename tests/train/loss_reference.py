@@ -42,7 +42,7 @@ def case_config(name: str, data: Path, out: Path, **extra: Any):
 
     settings = {"train_data_dir": str(data), "base_model": "unused-backbone-given", "output_dir": str(out),
                 "output_name": "reference", "resolution": 64, "learning_rate": 2e-3, "lora_rank": 4,
-                "lora_alpha": 4, "seed": 7, "device": "cpu", **CASES[name], **extra}
+                "lora_alpha": 4, "seed": 7, "device": "cpu", "preview": False, **CASES[name], **extra}
     return config_from_dict(settings)
 
 

@@ -67,3 +67,18 @@ def test_a_folder_without_the_training_state_is_refused_clearly(tmp_path):
     (folder / "training_state.pt").write_bytes(b"old pickle")
     with pytest.raises(ckpt.CheckpointError, match="training_state.json"):
         ckpt.load_checkpoint(folder)
+
+
+def test_restoring_a_checkpoint_that_does_not_fit_is_one_checkpoint_error(tmp_path):
+    params, optimizer, scheduler = _optimizer_and_schedule()
+    other = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))])  # another run's single parameter
+    loaded = ckpt.LoadedCheckpoint(tmp_path / "step-000003", ckpt.Progress(3, 3), {}, other.state_dict(),
+                                   scheduler.state_dict(), ckpt.rng_state())
+    with pytest.raises(ckpt.CheckpointError, match=r"step-000003 does not fit this run's adapter \(.*\); start a new "
+                                                   "run without resume_from"):
+        ckpt.restore_training_state(loaded, lambda state: None, optimizer, scheduler, "adapter")
+    weights = {}
+    fitting = ckpt.LoadedCheckpoint(tmp_path / "step-000003", ckpt.Progress(3, 3, [1.0, 0.5, 0.25]), {"w": params[1]},
+                                    optimizer.state_dict(), scheduler.state_dict(), ckpt.rng_state())
+    assert ckpt.restore_training_state(fitting, weights.update, optimizer, scheduler, "adapter").losses[-1] == 0.25
+    assert weights == {"w": params[1]}

@@ -19,7 +19,7 @@ MIB = 2**20
 def tiny_config(data, out, **overrides):
     return config_from_dict({"train_data_dir": str(data), "base_model": "given", "output_dir": str(out),
                              "output_name": "plan", "resolution": 256, "lora_rank": 4, "lora_alpha": 4,
-                             "max_steps": 1, "device": "cpu", **overrides})
+                             "max_steps": 1, "device": "cpu", "preview": False, **overrides})
 
 
 def test_meter_counts_live_storages_once_and_frees_them():

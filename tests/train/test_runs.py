@@ -21,6 +21,7 @@ def make_config(data: Path, out: Path, **overrides):
         "train_data_dir": str(data), "base_model": "tiny.safetensors", "output_dir": str(out),
         "output_name": "run_a", "resolution": 64, "batch_size": 4, "learning_rate": 2e-3,
         "lora_rank": 4, "lora_alpha": 4, "max_steps": 5, "seed": 7, "device": "cpu", "save_steps": 1,
+        "preview": False,  # the card picture is tested in test_preview
     }
     settings.update(overrides)
     return config_from_dict(settings)
