@@ -132,6 +132,21 @@ class TrainConfig:
     # preview: the picture of the LoRA's card
     preview: bool = _opt(True, "Render one picture with the trigger word (and the first sample prompt) at the end "
                          "of a finished run: <output_name>.preview.png, installed with the LoRA in the WebUI.")
+    # knowing when it is done: validation, overfitting alarm, epoch snapshots and their grid
+    validation_split: float = _opt(0.0, "Share of the training data held out to compute a validation loss "
+                                   "(text-generation: eval loss and perplexity); 0: none, 0.1 is typical.",
+                                   low=0.0, high=0.5)
+    validation_dir: str | None = _opt(None, "Folder of held-out validation images with captions (instead of "
+                                      "validation_split).", path=True)
+    validate_every: int = _opt(0, "Compute the validation loss every N updates (0: at the end of every epoch).",
+                               low=0, high=rules.MAX_TOTAL_STEPS)
+    overfit_patience: int = _opt(3, "Evaluations without a new best validation loss (the latest 1% above the "
+                                 "best, the training loss lower) before the overfitting alarm.", low=2, high=100)
+    early_stop: bool = _opt(False, "When the overfitting alarm fires, stop and keep the LoRA of the best "
+                            "validation step.")
+    save_every_n_epochs: int = _opt(0, "Keep a LoRA snapshot every N epochs; at the end a grid of snapshots x "
+                                    "weights x sample prompts is rendered to pick one from (0: off).", low=0,
+                                    high=10_000)
     # text-generation (task_type: text-generation) only; image runs ignore these
     max_seq_length: int = _opt(512, "text-generation: tokens per example; longer ones are truncated (counted in "
                                "the data report).", low=16, high=1_048_576)
@@ -140,8 +155,6 @@ class TrainConfig:
     trust_remote_code: bool = _opt(False, "text-generation: allow a model folder that ships its own Python code "
                                    "(e.g. ChatGLM); that code runs on this machine.")
     load_in_4bit: bool = _opt(False, "text-generation: 4-bit base weights (QLoRA); needs CUDA and bitsandbytes.")
-    validation_split: float = _opt(0.0, "text-generation: fraction of the examples held out to report eval loss "
-                                   "and perplexity.", low=0.0, high=0.5)
     eval_every: int = _opt(0, "text-generation: evaluate every N updates (0: only at the end; needs "
                            "validation_split).", low=0)
     save_merged: bool = _opt(False, "text-generation: also write <output_name>-merged, the base model with the "
@@ -166,11 +179,12 @@ REQUIRED = ("train_data_dir", "base_model")
 # ---- keys per task ---------------------------------------------------------------------------------------------
 # Keys of the other task are accepted and ignored (a run lists the ones set), so one file can switch task_type.
 KEY_ALIASES = {"model_name_or_path": "base_model", "lora_target_modules": "target_modules"}
-TEXT_GENERATION_KEYS = ("max_seq_length", "train_on_prompt", "trust_remote_code", "load_in_4bit", "validation_split",
-                        "eval_every", "save_merged", "sample_max_new_tokens")
+TEXT_GENERATION_KEYS = ("max_seq_length", "train_on_prompt", "trust_remote_code", "load_in_4bit", "eval_every",
+                        "save_merged", "sample_max_new_tokens")
 IMAGE_KEYS = ("metadata_path", "trigger_word", "resolution", "bucket", "flip_aug", "caption_dropout", "cache_latents",
               "v_parameterization", "zero_terminal_snr", "train_text_encoder", "text_encoder_lr", "auto_fit",
-              "channels_last", "torch_compile", "min_snr_gamma", "noise_offset", "sample_steps", "preview")
+              "channels_last", "torch_compile", "min_snr_gamma", "noise_offset", "sample_steps", "preview",
+              "validation_dir", "validate_every", "overfit_patience", "early_stop", "save_every_n_epochs")
 
 
 def apply_key_aliases(data: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +205,12 @@ def check_task_keys(cfg: TrainConfig) -> None:
     if cfg.task_type == "text-to-image" and cfg.target_modules == [rules.ALL_LINEAR]:
         raise ConfigError(f"target_modules: {rules.ALL_LINEAR} is for task_type: text-generation; an image LoRA "
                           f"names UNet modules, e.g. {', '.join(DEFAULT_TARGET_MODULES)} (the default)")
+    if cfg.task_type == "text-to-image" and cfg.validation_split and cfg.validation_dir:
+        raise ConfigError("validation_split and validation_dir are both set; hold out a share of the images or "
+                          "give a folder, not both")
+    if cfg.task_type == "text-to-image" and cfg.early_stop and not (cfg.validation_split or cfg.validation_dir):
+        raise ConfigError("early_stop needs validation images: set validation_split (0.1 is typical) or "
+                          "validation_dir")
     if cfg.task_type == "text-generation" and cfg.eval_every and not cfg.validation_split:
         raise ConfigError("eval_every is set but validation_split is 0; hold out some examples (e.g. "
                           "validation_split: 0.1) to evaluate on")

@@ -41,6 +41,48 @@ class CheckpointEvent:
 
 
 @dataclass
+class ValidationEvent:
+    """A validation loss (fixed noise and timesteps) and the same loss on a few training images."""
+
+    step: int
+    loss: float
+    train_loss: float
+    best_step: int
+    best_loss: float
+
+
+@dataclass
+class OverfitEvent:
+    """The overfitting alarm fired at ``step``; ``stopping`` when early_stop ends the run there."""
+
+    step: int
+    best_step: int
+    best_loss: float
+    text: str
+    stopping: bool
+
+
+@dataclass
+class SnapshotEvent:
+    """A LoRA snapshot was written (``kind``: epoch, best or final)."""
+
+    step: int
+    path: Path
+    kind: str
+    epoch: int | None = None
+
+
+@dataclass
+class GridEvent:
+    """The epoch picker's grid image, with its rows (snapshot dicts), weights and prompts."""
+
+    path: Path
+    snapshots: list[dict]
+    weights: list[float]
+    prompts: list[str]
+
+
+@dataclass
 class MessageEvent:
     text: str
     level: str = "info"

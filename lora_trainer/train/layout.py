@@ -11,6 +11,7 @@ from lora_trainer.validation import UnsafePathError, inside
 CHECKPOINT_DIR = "checkpoints"
 SAMPLE_DIR = "samples"
 LOG_DIR = "logs"
+SNAPSHOT_DIR = "snapshots"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,19 @@ class RunLayout:
         return inside(self.output_dir, SAMPLE_DIR, self.output_name, f"step-{step:06d}-{index}.png")
 
     @property
+    def snapshots_dir(self) -> Path:
+        return inside(self.output_dir, SNAPSHOT_DIR)
+
+    def snapshot_file(self, tag: str) -> Path:
+        """``snapshots/<name>-<tag>.safetensors``: ``tag`` is the epoch (``000003``) or ``best``."""
+        return inside(self.output_dir, SNAPSHOT_DIR, f"{self.output_name}-{tag}.safetensors")
+
+    @property
+    def grid_file(self) -> Path:
+        """``<name>.grid.png``: the epoch picker's grid of snapshots x weights x prompts."""
+        return inside(self.output_dir, f"{self.output_name}.grid.png")
+
+    @property
     def log_dir(self) -> Path:
         """TensorBoard's folder: ``log_dir`` (validated to lie inside output_dir) or ``<output_dir>/logs``."""
         if not self.log_setting:
@@ -76,4 +90,5 @@ class RunLayout:
         """Every path a run of this layout writes (files, or folders it writes into)."""
         return [self.output_dir, self.lora_file, self.config_file, self.preview_file, self.checkpoints_root,
                 self.run_dir(run_id), self.checkpoint_dir(run_id, step), self.samples_dir, self.sample_file(step, 0),
-                self.log_dir]
+                self.log_dir, self.snapshots_dir, self.snapshot_file(f"{step:06d}"), self.snapshot_file("best"),
+                self.grid_file]

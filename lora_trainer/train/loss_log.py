@@ -4,9 +4,9 @@
 one. The trainer instead hands each update's micro-batch losses (0-dim tensors) to :class:`LossLog`, which reads
 all pending ones with a single transfer when :meth:`due` (every ``every_seconds``, default half a second, by the
 host clock; every step on a CPU, where a read costs nothing) or when the trainer needs them (checkpoint, samples,
-the end). The values are computed exactly as before (each micro-batch loss as a Python float, divided by the
-accumulation steps and summed in that order), so the bar, TensorBoard and the events show the same numbers, only
-in small batches.
+validation, the end). The values are computed exactly as before (each micro-batch loss as a Python float,
+divided by the accumulation steps and summed in that order), so the bar, TensorBoard and the events show the same
+numbers, only in small batches.
 """
 
 from __future__ import annotations

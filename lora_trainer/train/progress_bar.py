@@ -6,7 +6,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lora_trainer.train.events import CheckpointEvent, EvalEvent, MessageEvent, SampleEvent, StepEvent
+from lora_trainer.train.events import (
+    CheckpointEvent,
+    EvalEvent,
+    GridEvent,
+    MessageEvent,
+    SampleEvent,
+    SnapshotEvent,
+    StepEvent,
+    ValidationEvent,
+)
 
 
 class ProgressBar:
@@ -31,6 +40,14 @@ class ProgressBar:
                 tqdm.write(f"  {text}")
         elif isinstance(event, EvalEvent):
             tqdm.write(f"step {event.step}: eval loss {event.loss:.4f}, perplexity {event.perplexity:.2f}")
+        elif isinstance(event, ValidationEvent):
+            tqdm.write(f"validation at step {event.step}: {event.loss:.4f} (training images {event.train_loss:.4f};"
+                       f" best: step {event.best_step}, {event.best_loss:.4f})")
+        elif isinstance(event, SnapshotEvent):
+            tqdm.write(f"snapshot ({event.kind}) at step {event.step}: {event.path}")
+        elif isinstance(event, GridEvent):
+            tqdm.write(f"epoch grid ({len(event.snapshots)} LoRAs x weights {', '.join(map(str, event.weights))} x "
+                       f"{len(event.prompts)} prompt(s)): {event.path}")
 
     def close(self) -> None:
         if self.bar is not None:

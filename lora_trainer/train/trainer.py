@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from lora_trainer.train.oom_guard import OOM_ERRORS, OomGuard, SpillWatch, devic
 from lora_trainer.train.optim import apply_update, build_optimizer, build_scheduler
 from lora_trainer.train.preflight import StepPlan, resolve_device
 from lora_trainer.train.preview import write_preview
+from lora_trainer.train.quality import QualityReport, RunWatch, Validators, hold_out, prepare_validation, watch_due
 from lora_trainer.train.tensorboard import open_summary_writer
 from lora_trainer.train.transfer import to_device
 
@@ -57,6 +59,7 @@ class TrainResult:
     interrupted: bool = False
     sample_paths: list[Path] = field(default_factory=list)
     preview_path: Path | None = None
+    quality: QualityReport | None = None  # validation, best step, overfitting alarm, snapshots, grid
 
 
 class _StoppedWhileCaching(Exception):
@@ -85,6 +88,10 @@ class Trainer:
 
     ``dist`` is this process's place in a data-parallel run (:mod:`lora_trainer.train.distributed`): each
     process trains its share of every batch and only the main one writes files."""
+
+    watch: RunWatch | None = None  # validation, snapshots and grid of the run in progress (the main process's)
+    validators: Validators | None = None  # the held-out images' measure (main process), set by run() before the loop
+    validating: bool = False  # the run has held-out images (the same in every process)
 
     def __init__(self, cfg: TrainConfig, backbone: Backbone | None = None, *,
                  events: EventBus | None = None, should_stop: Callable[[], bool] | None = None,
@@ -155,7 +162,8 @@ class Trainer:
     def _run(self, layout: RunLayout, device: torch.device, dtype: torch.dtype) -> TrainResult:
         cfg, dist = self.cfg, self.dist
         dist.on_main(lambda: self._prepare_output(layout))  # only the main process writes files
-        scan = self._scan()
+        scan, held_out = hold_out(self._scan(), cfg, self._log)
+        self.validating = bool(held_out)
         if dist.enabled:
             dist.agree(runs.data_files(scan, with_times=False), "the training data")
         if self.backbone is None:
@@ -180,8 +188,11 @@ class Trainer:
             inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         unet_targets=list(cfg.target_modules), te_targets=TE_TARGETS)
             if self._plan_memory(backbone, roots, device, dtype, len(latents or ()), text_cache):
-                scan = self._scan()  # auto_fit lowered the resolution
+                scan, held_out = hold_out(self._scan(), self.cfg, lambda *_: None)  # auto_fit lowered the resolution
                 latents = self._encode_latents(scan.items) if self.cfg.cache_latents else None
+            if dist.is_main:  # before the encoders leave the device: the held-out images are encoded once
+                self.validators = prepare_validation(self.cfg, backbone, scan.items, held_out,
+                                                     lambda: self._autocast(device, dtype))
             backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
             with fast_paths(roots["lora_unet"], channels_last=cfg.channels_last, compile_model=cfg.torch_compile,
                             notify=self._log):
@@ -242,14 +253,19 @@ class Trainer:
         backbone.set_gradient_checkpointing(cfg.gradient_checkpointing)
         for module in roots.values():
             module.train()
-        use_autocast = device.type == "cuda" and dtype != torch.float32
-        scaler = torch.cuda.amp.GradScaler() if use_autocast and dtype == torch.float16 else None
+        scaler = torch.cuda.amp.GradScaler() if device.type == "cuda" and dtype == torch.float16 else None
         writer = self._tensorboard(layout) if dist.is_main else None
         result = TrainResult(progress.global_step, total, progress.losses,
                              checkpoint=plan.resume.path if plan.resume else None)
         loss_log = LossLog(every_seconds=LossLog.interval_for(device))
         guard = OomGuard(MemorySettings.of(cfg), device)
         spill = SpillWatch(lambda: device_memory_fraction(device))
+        if dist.is_main:
+            self.watch = RunWatch(
+                cfg, backbone, roots, self.validators, self.bus, writer, plan.resume.path if plan.resume else None,
+                metadata=lambda step: self._metadata(dataclasses.replace(progress, global_step=step), scan, total),
+                fallback_prompt=items[0].caption)
+        watch, early_stopped = self.watch, False
 
         def log_steps() -> None:
             """Read every pending step's loss in one host transfer; report it, or stop on a non-finite one."""
@@ -273,6 +289,7 @@ class Trainer:
                     result.interrupted = True
                     break
                 guard.begin(progress.micro_step)
+                epoch_before = stream.epoch_of(progress.micro_step)
                 optimizer.zero_grad(set_to_none=True)
                 micro_losses = []
                 failure = None
@@ -280,9 +297,7 @@ class Trainer:
                     for _ in range(cfg.gradient_accumulation_steps):
                         indices = stream.at(progress.micro_step)
                         gen = step_generator(cfg.seed, progress.micro_step)
-                        autocast = (torch.autocast(device.type, dtype=dtype) if use_autocast
-                                    else contextlib.nullcontext())
-                        with autocast:
+                        with self._autocast(device, dtype):
                             loss = self._micro_loss(indices, items, latents, text_cache, gen, device)
                         if loss is not None:  # None: this process's share of a short batch is empty
                             scaled = loss / cfg.gradient_accumulation_steps
@@ -305,11 +320,18 @@ class Trainer:
                     continue
                 lr = apply_update(optimizer, scheduler, all_params, cfg.max_grad_norm, scaler)
                 progress.global_step += 1
-                loss_log.add(progress.global_step, stream.epoch_of(progress.micro_step), lr, micro_losses)
+                epoch = stream.epoch_of(progress.micro_step)
+                loss_log.add(progress.global_step, epoch, lr, micro_losses)
                 saving = cfg.save_steps and progress.global_step % cfg.save_steps == 0
                 sampling = cfg.sample_every and progress.global_step % cfg.sample_every == 0
-                if loss_log.due() or ((saving or sampling) and progress.global_step < total):
+                new_epoch = epoch > epoch_before
+                watching = watch_due(cfg, self.validating, progress.global_step, epoch, new_epoch, total)
+                if loss_log.due() or ((saving or sampling) and progress.global_step < total) or watching:
                     log_steps()  # also the non-finite check: nothing after a bad step is ever saved
+                if watching and dist.on_main(functools.partial(RunWatch.after_update, watch, progress.global_step,
+                                                               epoch, new_epoch, total)):
+                    early_stopped = True  # overfitting: the main process validated, every process stops here
+                    break
                 if saving and progress.global_step < total:
                     result.checkpoint = self._save_checkpoint(plan, progress, roots, optimizer, scheduler)
                 if sampling and progress.global_step < total:
@@ -326,8 +348,8 @@ class Trainer:
             finally:
                 if writer:
                     writer.flush()
-                    if not result.interrupted and progress.global_step < total:  # an error: nothing more comes
-                        writer.close()
+                    if not (result.interrupted or progress.global_step >= total or early_stopped):
+                        writer.close()  # an error: nothing more comes
         result.steps_done = progress.global_step
         result.losses = progress.losses
         if result.interrupted:
@@ -346,15 +368,17 @@ class Trainer:
         if not dist.is_main:  # the main process writes the outputs; the others are done
             result.lora_path = layout.lora_file
             return result
+        exported = watch.before_export(progress)  # early stop: the best step's weights
         if cfg.sample_prompts:
-            result.sample_paths += self._samples(layout, progress.global_step, writer)
+            result.sample_paths += self._samples(layout, exported.global_step, writer)
+        result.lora_path = self._export(layout, exported, roots, scan, total)
+        result.quality = watch.finish(result.lora_path, exported.global_step, self.should_stop)
         if writer:
             writer.close()
-        result.lora_path = self._export(layout, progress, roots, scan, total)
         atomic_write_text(layout.config_file, dump_config(cfg))  # only now: a failed run leaves the old one
         runs.mark_finished(plan, result.lora_path)
         if cfg.preview:
-            result.preview_path = self._preview(scan, progress.global_step)
+            result.preview_path = self._preview(scan, exported.global_step)
         return result
 
     def _sync_update(self, params: list[torch.Tensor], micro_losses: list[torch.Tensor | None],
@@ -369,6 +393,13 @@ class Trainer:
         return sync.losses, sync.stop, failure
 
     # ---- pieces of a step -------------------------------------------------------------------------
+    @staticmethod
+    def _autocast(device: torch.device, dtype: torch.dtype) -> Any:
+        """The step's autocast context: mixed precision on CUDA, nothing elsewhere."""
+        if device.type == "cuda" and dtype != torch.float32:
+            return torch.autocast(device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
     def _captions(self, indices: list[int], items: list[TrainItem], gen: torch.Generator) -> list[str]:
         drop = torch.rand(len(indices), generator=gen).tolist()
         return ["" if d < self.cfg.caption_dropout else items[i].caption for i, d in zip(indices, drop, strict=True)]
@@ -465,7 +496,8 @@ class Trainer:
                          scheduler) -> Path:
         if not self.dist.is_main:  # the main process writes it (the state is the same in every process)
             return ckpt.step_folder(plan.run_dir, progress.global_step)
-        path = ckpt.save_checkpoint(plan.run_dir, progress, lora_state_dict(roots), optimizer, scheduler)
+        path = ckpt.save_checkpoint(plan.run_dir, progress, lora_state_dict(roots), optimizer, scheduler,
+                                    extra_files=self.watch.checkpoint_files() if self.watch else None)
         self.bus.emit(CheckpointEvent(progress.global_step, path))
         return path
 

@@ -49,6 +49,12 @@ class Host(Protocol):
     def caption_with_host(self, name: str, images: list[Any]) -> list[str]:
         """Caption PIL images with one of :meth:`captioners`."""
 
+    def checkpoint_label(self) -> str | None:
+        """The name of the checkpoint a run will train (the loaded one), or None when cfg.base_model decides."""
+
+    def bind_send_to_txt2img(self, button: Any, prompt: Any) -> bool:
+        """Make ``button`` put the text of the ``prompt`` component into txt2img; False where there is none."""
+
 
 class BaseHost:
     """No lock, no progress hook, no host captioners; subclasses override what they have."""
@@ -87,6 +93,12 @@ class BaseHost:
     def caption_with_host(self, name: str, images: list[Any]) -> list[str]:
         raise UserError(f"captioner {name!r} is not available here; choose a local model")
 
+    def checkpoint_label(self) -> str | None:
+        return None
+
+    def bind_send_to_txt2img(self, button: Any, prompt: Any) -> bool:
+        return False
+
 
 class StandaloneHost(BaseHost):
     """Outside the WebUI: LoRAs go to ``lora_dir``; the model comes from ``base_model`` (or cfg.base_model)."""
@@ -109,6 +121,9 @@ class StandaloneHost(BaseHost):
 
     def base_model_path(self) -> str | None:
         return str(self.base_model) if self.base_model else None
+
+    def checkpoint_label(self) -> str | None:
+        return Path(self.base_model).name if self.base_model else None
 
 
 def job_config(host: Host, data: Any) -> TrainConfig:

@@ -14,6 +14,7 @@ from typing import Any
 from lora_trainer.config import TrainConfig
 from lora_trainer.errors import UserError
 from lora_trainer.train.events import CheckpointEvent, EventBus, MessageEvent, SampleEvent, StepEvent
+from lora_trainer.ui.quality_state import QualityState
 
 STATUSES = ("idle", "running", "done", "interrupted", "failed")
 MAX_MESSAGES = 200
@@ -97,6 +98,7 @@ class TrainingJob:
         self.resumable: dict[str, Any] | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
+        self.quality = QualityState()  # validation, alarm, snapshots and grid, for the tab
 
     @property
     def running(self) -> bool:
@@ -123,6 +125,8 @@ class TrainingJob:
                 self.checkpoint = str(event.path)
             elif isinstance(event, MessageEvent):
                 self._message(event.text, event.level)
+            else:
+                self.quality.on_event(event)
         if self._listener is not None:
             self._listener(self.snapshot())
 
@@ -171,7 +175,14 @@ class TrainingJob:
                 "model_version": self.model_version,
                 "output_name": self.output_name,
                 "resumable": dict(self.resumable) if self.resumable else None,
+                "trigger_word": self.config.trigger_word if self.config else "",
+                **self.quality.snapshot(),
             }
+
+    def installed(self, path: str) -> None:
+        """Record that ``path`` is now the run's installed LoRA (another snapshot was picked)."""
+        with self._lock:
+            self.lora_file = path
 
     def offer_resumable(self, entry: dict[str, Any] | None, cfg: TrainConfig | None) -> None:
         """Show ``entry`` (an interrupted run on disk, or None) as resumable unless a run is in progress.
@@ -277,6 +288,8 @@ class TrainingJob:
                 self.checkpoint = str(result.checkpoint) if result.checkpoint else self.checkpoint
                 if result.sample_paths:
                     self._add_samples(result.sample_paths)
+                if result.quality is not None:
+                    self.quality.finished(result.quality)
             if result.interrupted or result.lora_path is None:
                 self._finish("interrupted")
                 return

@@ -14,19 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from lora_trainer.config import FIELDS, ConfigError, TrainConfig, config_from_dict, dump_config
 from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.safe_yaml import read_yaml_mapping
+from lora_trainer.ui import guide, picker
 from lora_trainer.ui.caption_stop import CAPTION_STOP, CaptionStop
+from lora_trainer.ui.gallery import CaptionGallery
 from lora_trainer.ui.host import Host, job_config, launch_training
 from lora_trainer.ui.job import JobBusyError, TrainingJob, current_job
+from lora_trainer.ui.plot import PLOT_SIZE, render_loss_plot  # noqa: F401 - PLOT_SIZE: the plot's size, as before
 from lora_trainer.ui.resume import refresh_resumable, resume_run
 
 BASIC_ROWS = (("output_name", "trigger_word", "overwrite"), ("lora_rank", "learning_rate", "batch_size"),
-              ("max_steps", "epochs", "resolution"))  # the settings in view, three per row
+              ("max_steps", "epochs", "resolution"),
+              ("validation_split", "save_every_n_epochs", "early_stop"))  # the settings in view, three per row
 BASIC_KEYS = tuple(name for row in BASIC_ROWS for name in row)
 ADVANCED_KEYS = tuple(k for k in FIELDS if k not in BASIC_KEYS and k != "train_data_dir")
 CONFIG_KEYS = ("train_data_dir", *BASIC_KEYS, *ADVANCED_KEYS)  # order of the *values every config callback takes
@@ -49,12 +53,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 LABELS = {"max_steps": "Max steps (0: use epochs)", "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha",
           "lora_dropout": "LoRA dropout", "overwrite": "Overwrite a LoRA of the same name"}
-PLOT_SIZE = (640, 240)
 GALLERY_HEIGHT = 260  # px of the gallery grids: fixed so polling never moves the page
+GRID_HEIGHT = 640  # px of the epoch grid in the Try it tab (the full picture: its download button)
 PLOT_HEIGHT = GALLERY_HEIGHT + 40  # the image widget's height includes its label; the gallery's does not
 MAX_THUMBNAILS = 60
 CLEAN_HEADERS = ["file", "status", "kind", "reason"]
-CAPTION_HEADERS = ["filename", "caption"]
 CAPTION_BATCH = 4  # images per captioner call: Interrupt is polled between calls, so it acts within seconds
 CAPTION_STOPPING = "Interrupt requested: captioning stops after the current batch and keeps what is written."
 
@@ -251,38 +254,6 @@ def as_frame(rows: list[list[Any]], headers: list[str]) -> Any:
     return pd.DataFrame(rows, columns=headers) if rows else pd.DataFrame(columns=headers)
 
 
-def _table_rows(table: Any) -> list[list[Any]]:
-    """Dataframe values from gradio 3 or 4 (list of lists, pandas DataFrame, or {"data": ...})."""
-    if table is None:
-        return []
-    if isinstance(table, dict):
-        table = table.get("data") or []
-    if hasattr(table, "columns") and hasattr(table, "values"):
-        table = table.values.tolist()
-    return [list(row) for row in table]
-
-
-def save_caption_rows(folder: str, table: Any) -> str:
-    """Write the edited table to ``<folder>/metadata.csv`` (atomic); every file name must exist."""
-    from lora_trainer.data.captions import METADATA_FILE, write_metadata_csv
-
-    path = Path((folder or "").strip())
-    if not str(folder or "").strip() or not path.is_dir():
-        return f"Image folder {str(folder or '')!r} does not exist."
-    captions: dict[str, str] = {}
-    for row in _table_rows(table):
-        name = str(row[0] if row else "").strip()
-        if not name:
-            continue
-        if not (path / name).is_file():
-            return f"Not saved: {name} is not an image in {path}."
-        captions[name] = "" if len(row) < 2 or row[1] is None else str(row[1]).strip()
-    if not captions:
-        return "Nothing to save: the table is empty."
-    write_metadata_csv(path / METADATA_FILE, captions)
-    return f"Saved {len(captions)} caption(s) to {path / METADATA_FILE}."
-
-
 def caption_dataset_ui(host: Host, folder: str, choice: str, model_path: str, trigger: str,
                        overwrite: bool, *, stop: CaptionStop = CAPTION_STOP) -> tuple[str, list[list[str]]]:
     """Caption the folder (metadata.csv) with the chosen captioner under the host's GPU lock.
@@ -453,48 +424,6 @@ def status_html(snap: dict[str, Any], note: str = "") -> str:
     return "".join(parts)
 
 
-def render_loss_plot(losses: Sequence[float], size: tuple[int, int] = PLOT_SIZE, first_step: int = 1) -> Image.Image:
-    """Loss per step (faint) and its moving average (blue) on a transparent background (light and dark themes);
-    ``first_step`` labels the first value (a resumed run's curve starts after its checkpoint)."""
-    width, height = size
-    image = Image.new("RGBA", size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 64, width - 12, 30, height - 24  # top margin: gradio's label badge sits there
-    grey = (128, 128, 128, 255)
-    draw.rectangle([left, top, right, bottom], outline=grey)
-    values = [float(v) for v in losses if v == v]  # drop NaN
-    if not values:
-        draw.text((left + 10, top + 10), "no loss yet", fill=grey)
-        return image
-    low, high = min(values), max(values)
-    if high - low < 1e-12:
-        low, high = low - 0.5, high + 0.5
-    span_x = max(len(values) - 1, 1)
-
-    def point(i: int, v: float) -> tuple[float, float]:
-        return (left + (right - left) * i / span_x, bottom - (bottom - top) * (v - low) / (high - low))
-
-    window = max(1, len(values) // 20)
-    smooth = []
-    total = 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - window] if i >= window else 0.0)
-        smooth.append(total / min(i + 1, window))
-    series = [(values, (150, 150, 150, 150), 1)] if window > 1 else []
-    for line, colour, line_width in [*series, (smooth, (59, 130, 246, 255), 2)]:
-        if len(line) == 1:
-            x, y = point(0, line[0])
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        else:
-            draw.line([point(i, v) for i, v in enumerate(line)], fill=colour, width=line_width)
-    draw.text((4, top - 4), f"{high:.4f}", fill=grey)
-    draw.text((4, bottom - 8), f"{low:.4f}", fill=grey)
-    draw.text((4, (top + bottom) // 2 - 4), "loss", fill=grey)
-    draw.text((left, bottom + 6), f"step {first_step}", fill=grey)
-    draw.text((right - 60, bottom + 6), f"step {first_step + len(values) - 1}", fill=grey)
-    return image
-
-
 @functools.lru_cache(maxsize=8)
 def _sample_images(paths: tuple[str, ...]) -> list[tuple[Image.Image, str]]:
     out = []
@@ -506,15 +435,30 @@ def _sample_images(paths: tuple[str, ...]) -> list[tuple[Image.Image, str]]:
 
 
 def poll_ui(job: TrainingJob, host: Host | None = None) -> tuple[str, Image.Image, list]:
-    """(status HTML, loss plot, sample images newest first) of the job now; with ``host``, while nothing runs,
-    the status names an interrupted run in its output folder that Resume continues."""
+    """(status HTML, loss plot with the validation loss, sample images newest first) of the job now; with
+    ``host``, while nothing runs, the status names an interrupted run in its output folder that Resume continues."""
     if host is not None:
         refresh_resumable(job, host)
     snap = job.snapshot()
     paths = snap.get("sample_history") or snap["sample_paths"]
     losses = job.all_losses()
     first_step = max(int(snap["step"]) - len(losses) + 1, 1)  # after a resume, the steps since its checkpoint
-    return status_html(snap), render_loss_plot(losses, first_step=first_step), _sample_images(tuple(paths))
+    overfit = snap.get("overfit") or {}
+    plot = render_loss_plot(losses, first_step=first_step, validation=[v[:2] for v in snap.get("validation") or []],
+                            best_step=snap.get("best_step"), alarm_step=overfit.get("step"))
+    return status_html(snap), plot, _sample_images(tuple(paths))
+
+
+def poll_guided_ui(host: Host, job: TrainingJob, folder: str, picked: str | None = None) -> tuple[Any, ...]:
+    """:func:`poll_ui` plus the guide, the validation note, the "try it" line and the epoch picker (``picked``
+    stays selected while the run lists it)."""
+    status, plot, samples = poll_ui(job, host)
+    snap = job.snapshot()
+    prompt = guide.try_it_prompt(snap)
+    note, grid, choices, choice = picker.picker_view(snap)
+    choice = picked if picked in choices else choice
+    return (status, plot, samples, *guide.guide_view(host, job, folder), guide.validation_html(snap), prompt or "",
+            prompt is not None, note, grid, choices, choice)
 
 
 def job_form_ui(job: TrainingJob, *values: Any, host: Host | None = None) -> list[Any]:
@@ -574,13 +518,14 @@ def _label(name: str) -> str:
     return LABELS.get(name) or name.replace("_", " ").capitalize()
 
 
-def make_field(name: str, value: Any) -> Any:
+def make_field(name: str, value: Any, visible: bool = True) -> Any:
     """The widget for one TrainConfig key, from its metadata."""
     import gradio as gr
 
     f = FIELDS[name]
     kind = field_kind(name)
-    common = {"label": _label(name), "info": f.metadata.get("doc") or None, "elem_id": f"lora_train_cfg_{name}"}
+    common = {"label": _label(name), "info": f.metadata.get("doc") or None, "elem_id": f"lora_train_cfg_{name}",
+              "visible": visible}
     ui_value = to_ui(name, value)
     if kind == "bool":
         return gr.Checkbox(value=bool(ui_value), **common)
@@ -605,13 +550,19 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
     fields: dict[str, Any] = {}
     style = Path(__file__).resolve().parents[2] / "style.css"
     css = style.read_text(encoding="utf-8") if style.is_file() else None
+    first_view = guide.guide_view(host, job, cfg.train_data_dir or "")
     with gr.Blocks(analytics_enabled=False, css=css) as blocks:
+        step_line = gr.HTML(first_view[0], elem_id="lora_train_step_line")
+        with gr.Row(equal_height=True, elem_id="lora_train_folder_row"):
+            fields["train_data_dir"] = gr.Textbox(label="Image folder", value=to_ui("train_data_dir",
+                                                  cfg.train_data_dir), elem_id="lora_train_cfg_train_data_dir",
+                                                  placeholder="the folder that holds your pictures", scale=5)
+            load_pictures = gr.Button("Load pictures", variant="primary", scale=1, elem_id="lora_train_load_pictures")
+        advice = gr.HTML(first_view[1], elem_id="lora_train_advice", elem_classes=["lora_train_messages"])
         with gr.Tabs(elem_id="lora_train_tabs"):
             with gr.Tab("Dataset", elem_id="lora_train_dataset_tab"):
-                fields["train_data_dir"] = gr.Textbox(label="Image folder", value=to_ui("train_data_dir",
-                                                      cfg.train_data_dir), elem_id="lora_train_cfg_train_data_dir",
-                                                      placeholder="folder of training images")
-                with gr.Accordion("Clean", open=False, elem_id="lora_train_clean"):
+                with gr.Accordion("Clean (optional): drop broken, too small and duplicate pictures", open=False,
+                                  elem_id="lora_train_clean"):
                     with gr.Row():
                         clean_output = gr.Textbox(label="Output folder", placeholder="empty: <image folder>_clean",
                                                   elem_id="lora_train_clean_output")
@@ -631,7 +582,7 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                     clean_gallery = gr.Gallery(label="Dropped images", columns=6, height=GALLERY_HEIGHT,
                                                object_fit="contain", elem_id="lora_train_dropped_gallery",
                                                elem_classes=["lora_train_gallery"])
-                with gr.Accordion("Caption", open=False, elem_id="lora_train_caption"):
+                with gr.Accordion("Caption automatically", open=False, elem_id="lora_train_caption"):
                     choices = captioner_choices(host)
                     with gr.Row():
                         cap_choice = gr.Dropdown(label="Captioner", choices=choices, value=choices[0],
@@ -645,14 +596,9 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                     with gr.Row():
                         cap_button = gr.Button("Caption", elem_id="lora_train_caption_button")
                         cap_stop = gr.Button("Interrupt", elem_id="lora_train_caption_interrupt")
-                with gr.Row():
-                    load_caps = gr.Button("Load captions", elem_id="lora_train_load_captions")
-                    save_caps = gr.Button("Save captions", variant="primary", elem_id="lora_train_save_captions")
-                caption_status = gr.HTML(elem_id="lora_train_caption_status", elem_classes=["lora_train_messages"])
-                caption_table = gr.Dataframe(headers=CAPTION_HEADERS, type="array", datatype=["str", "str"],
-                                             col_count=(2, "fixed"), interactive=True, wrap=True,
-                                             elem_id="lora_train_caption_table")
-            with gr.Tab("Train", elem_id="lora_train_train_tab"):
+                gallery = CaptionGallery()
+            with gr.Tab("Train", elem_id="lora_train_train_tab") as train_tab:
+                checkpoint = gr.HTML(first_view[2], elem_id="lora_train_checkpoint")
                 with gr.Row(equal_height=True):
                     preset_box = gr.Dropdown(label="Preset", choices=list(PRESETS), value=preset, scale=2,
                                              elem_id="lora_train_preset")
@@ -668,11 +614,13 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                     with gr.Row():
                         for name in row:
                             fields[name] = make_field(name, getattr(cfg, name))
+                host_model = host.checkpoint_label() is not None  # then base_model is the loaded checkpoint
                 with gr.Accordion("Advanced", open=False, elem_id="lora_train_advanced"):
                     for start in range(0, len(ADVANCED_KEYS), 3):
                         with gr.Row():
                             for name in ADVANCED_KEYS[start:start + 3]:
-                                fields[name] = make_field(name, getattr(cfg, name))
+                                fields[name] = make_field(name, getattr(cfg, name),
+                                                          visible=not (host_model and name == "base_model"))
                 with gr.Row():
                     start_button = gr.Button("Start training", variant="primary", elem_id="lora_train_start")
                     resume_button = gr.Button("Resume", variant="primary", visible=can_resume(job),
@@ -682,35 +630,48 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
                     show_job = gr.Button("Show the last job's settings", visible=False,
                                          elem_id="lora_train_show_job")
                 status = gr.HTML(status_html(job.snapshot()), elem_id="lora_train_status")
+                with gr.Row(visible=False, equal_height=True, elem_id="lora_train_try_it") as try_row:
+                    try_prompt = gr.Textbox(label="Your LoRA is ready: use it in a prompt", interactive=False,
+                                            show_copy_button=True, scale=4, elem_id="lora_train_try_prompt")
+                    send = gr.Button("Send to txt2img", variant="primary", scale=1, elem_id="lora_train_send")
+                validation = gr.HTML(elem_id="lora_train_validation")
                 with gr.Row():
                     plot = gr.Image(value=render_loss_plot(job.all_losses()), label="Loss", type="pil",
                                     interactive=False, height=PLOT_HEIGHT, elem_id="lora_train_loss_plot")
                     samples = gr.Gallery(label="Samples", columns=3, height=GALLERY_HEIGHT, object_fit="contain",
                                          elem_id="lora_train_samples", elem_classes=["lora_train_gallery"])
+            with gr.Tab("Try it", elem_id="lora_train_try_tab"):
+                picker_note = gr.HTML(picker.picker_html(job.snapshot()), elem_id="lora_train_picker_note")
+                with gr.Row(equal_height=True):
+                    choice = gr.Radio(label="Snapshot", choices=[], scale=4, elem_id="lora_train_snapshot")
+                    install = gr.Button("Install this snapshot", scale=1, elem_id="lora_train_install_snapshot")
+                install_status = gr.HTML(elem_id="lora_train_install_status", elem_classes=["lora_train_messages"])
+                grid = gr.Image(label="Snapshots x weights x prompts", type="pil", interactive=False,
+                                height=GRID_HEIGHT, elem_id="lora_train_grid")
 
         inputs = [fields[name] for name in CONFIG_KEYS]
+        folder = fields["train_data_dir"]
+        guide_outputs = [step_line, advice, checkpoint]
+        show_guide = functools.partial(guide.guide_view, host, job)
+
         def clean(*args: Any) -> tuple[Any, ...]:
             summary, rows, thumbs, folder = clean_dataset_ui(*args)
             return summary, as_frame(rows, CLEAN_HEADERS), thumbs, folder
 
-        def caption(*args: Any) -> tuple[str, Any]:
-            note, rows = caption_dataset_ui(host, *args)
-            return note, as_frame(rows, CAPTION_HEADERS)
+        def caption(folder_value: str, *args: Any) -> list[Any]:
+            note, _ = caption_dataset_ui(host, folder_value, *args)
+            return gallery.load(folder_value, 0, note)
 
-        def load_captions(folder: str) -> tuple[Any, str]:
-            rows, note = load_caption_rows(folder)
-            return as_frame(rows, CAPTION_HEADERS), note
-
-        clean_button.click(clean, inputs=[fields["train_data_dir"], clean_output, clean_min, clean_dedup,
-                                          clean_overwrite],
-                           outputs=[clean_summary, clean_table, clean_gallery, fields["train_data_dir"]])
-        folder = fields["train_data_dir"]
-        cap_button.click(with_message_html(caption, 0),
-                         inputs=[folder, cap_choice, cap_model, cap_trigger, cap_overwrite],
-                         outputs=[caption_status, caption_table])
-        cap_stop.click(with_message_html(interrupt_caption_ui), outputs=[caption_status], show_progress="hidden")
-        load_caps.click(with_message_html(load_captions, 1), inputs=[folder], outputs=[caption_table, caption_status])
-        save_caps.click(with_message_html(save_caption_rows), inputs=[folder, caption_table], outputs=[caption_status])
+        clean_button.click(clean, inputs=[folder, clean_output, clean_min, clean_dedup, clean_overwrite],
+                           outputs=[clean_summary, clean_table, clean_gallery, folder]
+                           ).then(gallery.load, inputs=[folder], outputs=gallery.outputs()
+                                  ).then(show_guide, inputs=[folder], outputs=guide_outputs)
+        cap_button.click(caption, inputs=[folder, cap_choice, cap_model, cap_trigger, cap_overwrite],
+                         outputs=gallery.outputs()).then(show_guide, inputs=[folder], outputs=guide_outputs)
+        cap_stop.click(with_message_html(interrupt_caption_ui), outputs=[gallery.status], show_progress="hidden")
+        writes = gallery.wire(folder, [load_pictures.click, folder.submit], trigger_field=fields["trigger_word"])
+        for event in (load_pictures.click, folder.submit, folder.blur, train_tab.select, *(w.then for w in writes)):
+            event(show_guide, inputs=[folder], outputs=guide_outputs, show_progress="hidden")
         preset_box.change(apply_preset, inputs=[preset_box, *inputs], outputs=inputs)
         yaml_in.upload(with_message_html(load_yaml_ui, -1), inputs=[yaml_in, *inputs],
                        outputs=[*inputs, settings_status])
@@ -728,15 +689,30 @@ def build_tab(host: Host, job: TrainingJob | None = None, *, poll_every: float |
         def resume(*values: Any) -> list[Any]:
             return [*resume_training_ui(host, job, *values), resume_visible()]
 
-        def poll() -> tuple[Any, ...]:
-            return (*poll_ui(job, host), resume_visible())
-
         start_button.click(start, inputs=inputs, outputs=[status, resume_button])
         resume_button.click(resume, inputs=inputs, outputs=[*inputs, status, resume_button])
         stop_button.click(functools.partial(interrupt_ui, job), outputs=[status])
-        refresh.click(poll, outputs=[status, plot, samples, resume_button], show_progress="hidden")
+
+        def poll(folder_value: str, picked: str | None) -> list[Any]:
+            (status_value, plot_value, sample_values, step_value, advice_value, checkpoint_value, validation_value,
+             prompt, ready, note, grid_value, labels, label) = poll_guided_ui(host, job, folder_value, picked)
+            return [status_value, plot_value, sample_values, step_value, advice_value, checkpoint_value,
+                    validation_value, prompt, gr.update(visible=ready), note, grid_value,
+                    gr.update(choices=labels, value=label), resume_visible()]
+
+        poll_outputs = [status, plot, samples, *guide_outputs, validation, try_prompt, try_row, picker_note, grid,
+                        choice, resume_button]
+        refresh.click(poll, inputs=[folder, choice], outputs=poll_outputs, show_progress="hidden")
         show_job.click(functools.partial(job_form_ui, job, host=host), inputs=inputs, outputs=inputs,
                        show_progress="hidden")
+
+        def install_chosen(label: str | None) -> str:
+            return message_html(picker.install_snapshot_ui(host, job, label))
+
+        install.click(install_chosen, inputs=[choice], outputs=[install_status]
+                      ).then(poll, inputs=[folder, choice], outputs=poll_outputs)
+        if not host.bind_send_to_txt2img(send, try_prompt):
+            send.visible = False  # no txt2img here (read when the page config is built, in gradio 3 and 4)
         if poll_every:
-            blocks.load(poll, outputs=[status, plot, samples, resume_button], every=poll_every)
+            blocks.load(poll, inputs=[folder, choice], outputs=poll_outputs, every=poll_every)
     return blocks

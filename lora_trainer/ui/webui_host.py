@@ -235,6 +235,32 @@ class WebUIHost:
     def captioners(self) -> list[str]:
         return ["WebUI BLIP", "WebUI DeepBooru"]
 
+    def checkpoint_label(self) -> str | None:
+        """The checkpoint picked at the top of the page (read from the settings: nothing is loaded for it)."""
+        from modules import shared
+
+        return getattr(shared.opts, "sd_model_checkpoint", None) or None
+
+    def bind_send_to_txt2img(self, button: Any, prompt: Any) -> bool:
+        """Wire ``button`` to add the text of ``prompt`` to txt2img's prompt and open the txt2img tab.
+
+        Uses the txt2img prompt the WebUI registers for pasting (its "Send to" buttons use the same list) and
+        the WebUI's own ``switch_to_txt2img`` page function; other txt2img fields are left as they are.
+        """
+        try:
+            from modules import infotext_utils as paste
+        except ImportError:  # WebUI versions before 1.8
+            from modules import generation_parameters_copypaste as paste
+        fields = (paste.paste_fields.get("txt2img") or {}).get("fields") or []
+        target = next((field[0] for field in fields if field[1] == "Prompt"), None)
+        if target is None:
+            return False
+        from lora_trainer.ui.guide import add_to_prompt
+
+        button.click(fn=add_to_prompt, inputs=[prompt, target], outputs=[target])
+        button.click(fn=None, _js="switch_to_txt2img", inputs=None, outputs=None)  # Forge maps _js to js
+        return True
+
     def caption_with_host(self, name: str, images: list[Any]) -> list[str]:
         """Caption with the WebUI's own interrogators (without their job bookkeeping, which would clobber ours)."""
         from modules import shared

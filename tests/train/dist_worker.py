@@ -4,8 +4,9 @@ The spec lists jobs run one after another in the same process group: ``{"cli": [
 (``python -m lora_trainer ...`` as a user starts it), ``{"config": {...}, "stop_rank": r, "stop_after": k}`` a
 Trainer whose process ``r`` asks to stop once it has seen ``k`` steps (``"die": true``: process ``r`` dies there
 instead, as a crash would end it); ``"oom_rank": r, "oom_call": n``: the n-th denoiser call of process ``r``
-raises a (simulated) CUDA out-of-memory error. Every file-system change a process makes under ``spec["watch"]``
-is recorded with an audit hook; after each job, the changes and results so far are written to
+raises a (simulated) CUDA out-of-memory error; ``"alarm_after": k``: a planted overfit, the overfitting alarm
+fires at the k-th validation (which the main process runs). Every file-system change a process makes under
+``spec["watch"]`` is recorded with an audit hook; after each job, the changes and results so far are written to
 ``<spec["audit_dir"]>/rank<N>.json``. Ctrl-C and SIGTERM are handled as the command line handles them.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -109,9 +111,26 @@ def run_job(job: dict, group) -> dict:
             from lora_trainer.models.loading import load_backbone
 
             backbone = out_of_memory_once(load_backbone(cfg.base_model, device=torch.device("cpu")), job["oom_call"])
-        result = Trainer(cfg, backbone, events=bus, dist=group, should_stop=should_stop).run()
+        with planted_alarm(job.get("alarm_after")):
+            result = Trainer(cfg, backbone, events=bus, dist=group, should_stop=should_stop).run()
+    quality = getattr(result, "quality", None)
     return {"steps_done": result.steps_done, "interrupted": result.interrupted, "checkpoint": str(result.checkpoint),
-            "lora_path": str(result.lora_path), "losses": result.losses, "warnings": warnings}
+            "lora_path": str(result.lora_path), "losses": result.losses, "warnings": warnings,
+            "best_step": quality.best_step if quality else None}
+
+
+@contextmanager
+def planted_alarm(after: int | None):
+    """The overfitting alarm fires at the ``after``-th validation (None: as the losses say)."""
+    from lora_trainer.train.overfit import OverfitMonitor
+
+    real = OverfitMonitor.overfitting
+    if after is not None:
+        OverfitMonitor.overfitting = lambda monitor: len(monitor.history) >= after
+    try:
+        yield
+    finally:
+        OverfitMonitor.overfitting = real
 
 
 def out_of_memory_once(backbone, call: int):

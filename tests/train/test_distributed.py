@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lora_trainer.config import config_from_dict
+from lora_trainer.lora.export import read_lora_metadata
 from lora_trainer.train import distributed
 from lora_trainer.train.distributed import Distributed, DistributedError, read_launch, requested_sharding
 from lora_trainer.train.trainer import Trainer
@@ -129,7 +130,8 @@ def torchrun(spec: dict, workdir: Path, processes: int = 2) -> tuple[subprocess.
 def launch_two_processes(root: Path) -> SimpleNamespace:
     """Two processes under torchrun: the image and the text run from the command line (batch_size 1 and 2 per
     process), each again with process 1 asking to stop after step 2, an image run in which process 1 runs out of
-    memory in update 3, and last an image run whose process 1 dies after step 2 (the group is broken after it)."""
+    memory in update 3, an image run with validation whose alarm is planted at the third validation (early stop),
+    and last an image run whose process 1 dies after step 2 (the group is broken after it)."""
     from lora_trainer.demo import make_demo_dataset
     from lora_trainer.llm.tiny import build_tokenizer, write_tiny_causal_lm
     from lora_trainer.models.tiny import write_tiny_checkpoint
@@ -152,6 +154,9 @@ def launch_two_processes(root: Path) -> SimpleNamespace:
                   "stop_rank": 1, "stop_after": 2}]
     jobs.append({"config": {**image, "batch_size": 1, "output_dir": str(outputs / "image-oom")}, "oom_rank": 1,
                  "oom_call": 3})
+    jobs.append({"config": {**image, "batch_size": 1, "output_dir": str(outputs / "image-early"),
+                            "validation_split": 0.2, "validate_every": 1, "early_stop": True, "save_every_n_epochs": 1},
+                 "alarm_after": 3})
     jobs.append({"config": {**image, "batch_size": 1, "output_dir": str(outputs / "image-lost")}, "stop_rank": 1,
                  "stop_after": 2, "die": True})
     done, records = torchrun({"watch": str(outputs), "jobs": jobs}, root)
@@ -201,7 +206,7 @@ def check_image(launched: SimpleNamespace, tmp_path: Path) -> None:
     assert [p.name for p in checkpoints] == ["step-000003"] and str(checkpoints[0]) == first["checkpoint"]
     assert not list(stopped.glob("*.safetensors"))
     assert first["losses"] == pytest.approx(one.losses[:3], rel=1e-5)
-    [survivor] = launched.results[5]
+    [survivor] = launched.results[6]
     assert survivor["interrupted"] and survivor["steps_done"] == 2
     assert [p.name for p in (lost / "checkpoints").glob("*/step-*")] == ["step-000002"]
 
@@ -214,6 +219,15 @@ def check_image(launched: SimpleNamespace, tmp_path: Path) -> None:
                for result in hit)
     assert hit[0]["losses"] == pytest.approx(one.losses, rel=1e-5)
     assert (launched.outputs / "image-oom" / "shapes.safetensors").is_file()
+
+    # validation on the main process, the alarm at the third: both stop after update 3, the main process keeps
+    # the best step's LoRA and the epoch-1 snapshot (process 1 writes nothing: records[1]["changes"] is empty)
+    early = launched.outputs / "image-early"
+    main_result, other = launched.results[5]
+    assert [main_result["steps_done"], other["steps_done"]] == [3, 3] and not other["interrupted"]
+    assert not main_result["interrupted"] and main_result["best_step"] in (1, 2, 3) and other["best_step"] is None
+    assert read_lora_metadata(early / "shapes.safetensors")["ss_steps"] == str(main_result["best_step"])
+    assert (early / "snapshots" / "shapes-000001.safetensors").is_file()
 
     for folder in (stopped, lost):
         resumed = Trainer(config_from_dict({**base, "batch_size": 2, "output_dir": str(folder),

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from lora_trainer.config import TrainConfig, config_from_dict
 from lora_trainer.data.captions import read_metadata_csv
+from lora_trainer.ui import plot as plot_colours
 from lora_trainer.ui import tab
 from lora_trainer.ui.host import BaseHost
 from lora_trainer.ui.job import TrainingJob
@@ -123,17 +124,10 @@ def test_yaml_load_errors_keep_the_values(tmp_path):
     assert tab.load_yaml_ui(None, *values)[-1] == "Choose a YAML file first."
 
 
-def test_caption_table_load_edit_save(shapes_dataset):
+def test_caption_rows(shapes_dataset):
     rows, status = tab.load_caption_rows(str(shapes_dataset))
     assert len(rows) == 8 and status == "8 image(s); 0 without a caption." and all(caption for _, caption in rows)
-    rows[0][1] = "  edited caption  "
-    assert "Saved 8 caption(s)" in tab.save_caption_rows(str(shapes_dataset), rows)
-    assert read_metadata_csv(shapes_dataset / "metadata.csv")[rows[0][0]] == "edited caption"
-    # gradio 4 may hand back {"data": rows}; a row for a file that is not there is refused
-    assert "Saved" in tab.save_caption_rows(str(shapes_dataset), {"data": rows})
-    before = (shapes_dataset / "metadata.csv").read_text()
-    assert "not an image" in tab.save_caption_rows(str(shapes_dataset), [*rows, ["ghost.png", "x"]])
-    assert (shapes_dataset / "metadata.csv").read_text() == before
+    assert rows[0] == ["000_red_circle.png", read_metadata_csv(shapes_dataset / "metadata.csv")["000_red_circle.png"]]
     assert "does not exist" in tab.load_caption_rows(str(shapes_dataset / "nope"))[1]
 
 
@@ -247,8 +241,28 @@ def test_clean_reports_and_shows_dropped_images(tmp_path):
 def test_tables_keep_their_headers_when_empty():
     pytest.importorskip("pandas")
     assert list(tab.as_frame([], tab.CLEAN_HEADERS).columns) == tab.CLEAN_HEADERS
-    frame = tab.as_frame([["a.png", "a cat"]], tab.CAPTION_HEADERS)
-    assert frame.values.tolist() == [["a.png", "a cat"]] and tab._table_rows(frame) == [["a.png", "a cat"]]
+    frame = tab.as_frame([["a.png", "kept", "", ""]], tab.CLEAN_HEADERS)
+    assert frame.values.tolist() == [["a.png", "kept", "", ""]]
+
+
+def test_loss_plot_shows_validation_best_step_and_alarm():
+    """Orange validation points at their steps, the best step dashed green, the alarm dashed red; after a
+    resume the axis starts at the earliest evaluation."""
+    losses = [1.0 - 0.01 * i for i in range(40)]
+    plot = np.asarray(tab.render_loss_plot(losses, first_step=11, validation=[[5, 0.9], [20, 0.7], [40, 0.8]],
+                                           best_step=20, alarm_step=40))
+    plain = np.asarray(tab.render_loss_plot(losses, first_step=11))
+
+    def columns(colour):
+        hits = np.all(plot[40:-30, :, :3] == colour[:3], axis=-1) & (plot[40:-30, :, 3] == 255)
+        return set(np.nonzero(hits.any(axis=0))[0])
+
+    left, right = 64, tab.PLOT_SIZE[0] - 12
+    x_of = {step: round(left + (right - left) * (step - 5) / (50 - 5)) for step in (5, 20, 40)}  # steps 5..50
+    assert any(abs(c - x_of[20]) <= 1 for c in columns(plot_colours.BEST))
+    assert any(abs(c - x_of[40]) <= 1 for c in columns(plot_colours.ALARM))
+    assert any(abs(c - x_of[5]) <= 2 for c in columns(plot_colours.VALIDATION))
+    assert not np.array_equal(plot, plain)
 
 
 def test_loss_plot_and_status_html():
@@ -384,8 +398,12 @@ def test_build_tab_returns_blocks(tmp_path):
     assert isinstance(blocks, gr.Blocks)
     ids = {getattr(block, "elem_id", None) for block in blocks.blocks.values()}
     for elem in ("lora_train_refresh", "lora_train_status", "lora_train_loss_plot", "lora_train_samples",
-                 "lora_train_caption_table", "lora_train_advanced", "lora_train_cfg_noise_offset",
-                 "lora_train_resume", "lora_train_caption_interrupt"):
+                 "lora_train_advanced", "lora_train_cfg_noise_offset", "lora_train_step_line",
+                 "lora_train_load_pictures", "lora_train_card_caption_11", "lora_train_card_tags_0",
+                 "lora_train_add_trigger", "lora_train_replace_all", "lora_train_checkpoint", "lora_train_try_prompt",
+                 "lora_train_send", "lora_train_validation", "lora_train_grid", "lora_train_snapshot",
+                 "lora_train_install_snapshot", "lora_train_cfg_validation_split", "lora_train_resume",
+                 "lora_train_caption_interrupt", "lora_train_caption_status"):
         assert elem in ids
     assert all(elem.startswith("lora_train_") for elem in ids if elem)
 

@@ -233,3 +233,32 @@ def test_refresh_forgets_lora_files_forge_has_read(webui):
 
 def test_a1111_is_not_taken_for_forge(webui):
     assert not webui_host.is_forge()
+
+
+def test_the_checkpoint_to_train_is_the_one_picked_at_the_top(webui):
+    assert webui_host.WebUIHost().checkpoint_label() is None
+    webui.shared.opts.sd_model_checkpoint = "v1-5-pruned-emaonly.safetensors [6ce0161689]"
+    assert webui_host.WebUIHost().checkpoint_label() == "v1-5-pruned-emaonly.safetensors [6ce0161689]"
+
+
+class Clickable:
+    def __init__(self) -> None:
+        self.clicks: list[dict] = []
+
+    def click(self, **kwargs) -> None:
+        self.clicks.append(kwargs)
+
+
+def test_send_to_txt2img_adds_the_line_to_its_prompt_and_opens_the_tab(webui, monkeypatch):
+    from lora_trainer.ui.guide import add_to_prompt
+
+    prompt, seed, button, line = Clickable(), Clickable(), Clickable(), Clickable()
+    paste = types.SimpleNamespace(paste_fields={})
+    monkeypatch.setitem(sys.modules, "modules.infotext_utils", paste)
+    sys.modules["modules"].infotext_utils = paste
+    assert not webui_host.WebUIHost().bind_send_to_txt2img(button, line)  # txt2img not built: nothing bound
+    paste.paste_fields["txt2img"] = {"fields": [(seed, "Seed"), (prompt, "Prompt")]}
+    assert webui_host.WebUIHost().bind_send_to_txt2img(button, line)
+    fill, switch = button.clicks
+    assert fill == {"fn": add_to_prompt, "inputs": [line, prompt], "outputs": [prompt]}
+    assert switch == {"fn": None, "_js": "switch_to_txt2img", "inputs": None, "outputs": None}
