@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from lora_trainer.config import FIELDS, ConfigError, TrainConfig, config_from_dict, dump_config
+from lora_trainer.config import FIELDS, TEXT_GENERATION_KEYS, ConfigError, TrainConfig, config_from_dict, dump_config
 from lora_trainer.errors import UserError
 from lora_trainer.fsutil import atomic_write_text
 from lora_trainer.safe_yaml import read_yaml_mapping
@@ -32,7 +32,9 @@ BASIC_ROWS = (("output_name", "trigger_word", "overwrite"), ("lora_rank", "learn
               ("max_steps", "epochs", "resolution"),
               ("validation_split", "save_every_n_epochs", "early_stop"))  # the settings in view, three per row
 BASIC_KEYS = tuple(name for row in BASIC_ROWS for name in row)
-ADVANCED_KEYS = tuple(k for k in FIELDS if k not in BASIC_KEYS and k != "train_data_dir")
+# the tab trains images only: text-generation settings stay out of the form (ignored in an image run, as on the CLI)
+ADVANCED_KEYS = tuple(k for k in FIELDS
+                      if k not in BASIC_KEYS and k != "train_data_dir" and k not in TEXT_GENERATION_KEYS)
 CONFIG_KEYS = ("train_data_dir", *BASIC_KEYS, *ADVANCED_KEYS)  # order of the *values every config callback takes
 ZERO_IS_UNSET = frozenset({"max_steps"})  # Number fields where 0 means "not set"
 LOCAL_CAPTIONERS = {"BLIP (local model)": "blip", "WD14 tagger (local model)": "tagger"}

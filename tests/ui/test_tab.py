@@ -60,7 +60,10 @@ def ui_values(**overrides) -> list:
 
 
 def test_config_keys_cover_every_setting_once():
-    assert sorted(tab.CONFIG_KEYS) == sorted(TrainConfig().to_dict())
+    from lora_trainer.config import TEXT_GENERATION_KEYS
+
+    image_settings = [k for k in TrainConfig().to_dict() if k not in TEXT_GENERATION_KEYS]
+    assert sorted(tab.CONFIG_KEYS) == sorted(image_settings)
     assert len(set(tab.CONFIG_KEYS)) == len(tab.CONFIG_KEYS)
 
 
@@ -415,3 +418,10 @@ def test_messages_are_escaped_html_and_nothing_while_empty():
     load = tab.with_message_html(lambda *values: [*values, "Loaded x.yaml"], -1)
     assert load(1, 2)[:2] == [1, 2] and "Loaded x.yaml" in load(1, 2)[-1]
     assert tab.with_message_html(lambda: "")() == ""
+
+
+def test_the_form_shows_no_text_generation_settings():
+    from lora_trainer.config import TEXT_GENERATION_KEYS
+
+    assert not set(TEXT_GENERATION_KEYS) & set(tab.CONFIG_KEYS)  # the tab trains images only
+    assert "lora_rank" in tab.CONFIG_KEYS and "task_type" in tab.CONFIG_KEYS  # a loaded LLM config is still refused
