@@ -2,20 +2,25 @@
 
     python benchmarks/compare_kohya.py --sd-scripts PATH --kohya-python PATH/venv/bin/python --size mid
     python benchmarks/compare_kohya.py --sd-scripts PATH --kohya-python ... --size full --resolution 256
+    python benchmarks/compare_kohya.py --sd-scripts PATH --kohya-python ... --model sdxl --size mid
 
 Writes one random SD1.5-topology single-file checkpoint (``--size mid``: half the UNet width, the real CLIP-L and
-VAE; ``full``: SD1.5 exactly) and one data set of random images with captions, then runs both trainers in
+VAE; ``full``: SD1.5 exactly), or with ``--model sdxl`` an SDXL-topology one in the sgm layout (``mid``: half the
+UNet width, OpenCLIP bigG with 8 of its 32 layers, the real CLIP-L and VAE, 4.3 GiB; ``full``: SDXL base; see
+``sizes.py``), and one data set of random images with captions, then runs both trainers in
 alternation (``--rounds`` times each, ours first in odd rounds, kohya first in even ones), each in a fresh process:
-batch 1, LoRA rank/alpha 16 on the same 192 UNet modules (every Linear and 1x1 conv in the transformer blocks),
-UNet only, latents cached, fp32, SDPA, AdamW, constant learning rate, no samples or preview picture,
-``--threads`` torch threads.
+batch 1, LoRA rank/alpha 16 on the same UNet modules (every Linear and 1x1 conv in the transformer blocks: 192 in
+SD1.5, 722 in SDXL), UNet only, latents cached (and for SDXL the text encoders' outputs: kohya's
+``--cache_text_encoder_outputs``, which ours always does when the text encoders are not trained), fp32, SDPA,
+AdamW, constant learning rate, no samples or preview picture, ``--threads`` torch threads.
 
 Per run: time to first step (process start to the end of the first optimizer step), s/step (mean interval
 between later optimizer steps), peak RSS (the process's ru_maxrss), peak VRAM on CUDA (torch's counter, printed
 by the runs themselves is not available for kohya, so it is left out). Each figure is printed per run and as the
 median over rounds, with the ratio ours/kohya. The trained parameter counts of both LoRA files are printed.
 Kohya needs its own Python environment (``--kohya-python``); its SD1.5 UNet width is fixed in its code at 320, so
-for ``--size mid`` it runs through ``step_clock.py --unet-width``, which sets those constants and nothing else.
+for ``--size mid`` it runs through ``step_clock.py --unet-width``, which sets those constants and nothing else;
+for SDXL, ``--sdxl-unet-width`` and ``--sdxl-text-encoder-2-layers`` do the same for its SDXL model code.
 """
 
 from __future__ import annotations
@@ -35,20 +40,31 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from sizes import SD15_WIDTHS, build_sd15  # noqa: E402
+from sizes import SD15_WIDTHS, SDXL_SIZES, build_sd15, build_sdxl  # noqa: E402
 
 UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 CLOCK = REPO / "benchmarks" / "step_clock.py"
 STEP_CLOCK = re.compile(r"STEP_CLOCK (\d+\.\d+)")
 
 
-def write_checkpoint(path: Path, size: str) -> None:
+#: kohya's SDXL tokenizers, looked up in --tokenizer_cache_dir under these names (both are CLIP's vocabulary)
+KOHYA_TOKENIZERS = {"sd15": ("openai_clip-vit-large-patch14",),
+                    "sdxl": ("openai_clip-vit-large-patch14", "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k")}
+
+
+def write_checkpoint(path: Path, model: str, size: str) -> None:
+    """A random single-file checkpoint of ``model`` (sd15 / sdxl) at ``size``: LDM / sgm layout, fp32."""
     from safetensors.torch import save_file
 
-    from lora_trainer.models.ldm_checkpoint import diffusers_to_ldm_state_dict
+    from lora_trainer.models.ldm_checkpoint import diffusers_to_ldm_state_dict, sdxl_to_ldm_state_dict
 
-    parts = build_sd15(size)
-    state = diffusers_to_ldm_state_dict(parts["unet"], parts["vae"], parts["text_encoder"])
+    if model == "sdxl":
+        parts = build_sdxl(size)
+        state = sdxl_to_ldm_state_dict(parts["unet"], parts["vae"], parts["text_encoder"], parts["text_encoder_2"])
+    else:
+        parts = build_sd15(size)
+        state = diffusers_to_ldm_state_dict(parts["unet"], parts["vae"], parts["text_encoder"])
+    del parts
     save_file(state, str(path), {"format": "pt"})
 
 
@@ -88,9 +104,14 @@ def kohya_command(args, work: Path, checkpoint: Path, images: Path, out: Path) -
     if shim:
         print("kohya's environment has a CUDA build of torchvision: its two C++ operators are declared for the "
               "import (step_clock.py --torchvision-shim)")
+    if args.model == "sdxl":
+        width, layers = SDXL_SIZES[args.size]
+        sizes = ["--sdxl-unet-width", str(width), "--sdxl-text-encoder-2-layers", str(layers)]
+        script, extra = "sdxl_train_network.py", ["--cache_text_encoder_outputs"]
+    else:
+        sizes, script, extra = ["--unet-width", str(SD15_WIDTHS[args.size])], "train_network.py", []
     command = [
-        args.kohya_python, str(CLOCK), "--unet-width", str(SD15_WIDTHS[args.size]), *shim, "--",
-        str(Path(args.sd_scripts) / "train_network.py"),
+        args.kohya_python, str(CLOCK), *sizes, *shim, "--", str(Path(args.sd_scripts) / script),
         "--pretrained_model_name_or_path", str(checkpoint), "--train_data_dir", str(images.parent),
         "--output_dir", str(out), "--output_name", "kohya", "--save_model_as", "safetensors",
         "--network_module", "networks.lora", "--network_dim", "16", "--network_alpha", "16",
@@ -98,15 +119,33 @@ def kohya_command(args, work: Path, checkpoint: Path, images: Path, out: Path) -
         "--max_train_steps", str(args.steps), "--learning_rate", "1e-4", "--optimizer_type", "AdamW",
         "--lr_scheduler", "constant", "--mixed_precision", "no", "--save_precision", "float", "--cache_latents",
         "--sdpa", "--seed", "42", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
-        "--tokenizer_cache_dir", str(work / "tokenizers"),
+        "--tokenizer_cache_dir", str(work / "tokenizers"), *extra,
     ]
     if args.checkpointing:
         command.append("--gradient_checkpointing")
     return command
 
 
+def sample_rss(pid: int, lines: list[str], clocks: list[float], started: float, peak: dict) -> None:
+    """Every 0.2 s until ``pid`` ends, its resident memory (Linux /proc); ``peak`` gets the largest with when it
+    came (seconds from the start, steps done by then, the last line printed before it): where the peak comes from;
+    and ``steps_gib``, the largest once the first step is done (what training itself holds)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    statm = Path(f"/proc/{pid}/statm")
+    while True:
+        try:
+            resident = int(statm.read_text().split()[1]) * page / 2**30
+        except (OSError, IndexError, ValueError):
+            return
+        if resident > peak.get("gib", 0.0):
+            peak.update(gib=resident, at_s=time.time() - started, steps=len(clocks), after=lines[-1] if lines else "")
+        if clocks and resident > peak.get("steps_gib", 0.0):
+            peak["steps_gib"] = resident
+        time.sleep(0.2)
+
+
 def run_once(name: str, command: list[str], cwd: Path, env: dict, log: Path) -> dict:
-    """Start ``command``, collect its STEP_CLOCK lines and its peak RSS (wait4)."""
+    """Start ``command``, collect its STEP_CLOCK lines, its peak RSS (wait4) and when the peak came (sampled)."""
     started = time.time()
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, errors="replace")
@@ -118,8 +157,11 @@ def run_once(name: str, command: list[str], cwd: Path, env: dict, log: Path) -> 
             clocks.extend(float(value) for value in STEP_CLOCK.findall(line))
             lines.extend(part for part in STEP_CLOCK.sub("", line).replace("\r", "\n").splitlines() if part.strip())
 
+    peak: dict = {}
     reader = threading.Thread(target=read)
     reader.start()
+    sampler = threading.Thread(target=sample_rss, args=(process.pid, lines, clocks, started, peak), daemon=True)
+    sampler.start()
     _pid, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     reader.join()
@@ -129,7 +171,7 @@ def run_once(name: str, command: list[str], cwd: Path, env: dict, log: Path) -> 
                          + "\n".join(lines[-25:]))
     intervals = [b - a for a, b in zip(clocks[1:], clocks[2:], strict=False)] or [clocks[1] - clocks[0]]
     return {"first_step_s": clocks[0] - started, "s_per_step": statistics.mean(intervals),
-            "peak_rss_gib": usage.ru_maxrss / 2**20, "load": os.getloadavg()[0]}
+            "peak_rss_gib": usage.ru_maxrss / 2**20, "load": os.getloadavg()[0], "sampled_peak": peak}
 
 
 def lora_parameters(path: Path) -> tuple[int, int]:
@@ -148,6 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sd-scripts", required=True, help="a checkout of kohya-ss/sd-scripts")
     parser.add_argument("--kohya-python", default=sys.executable, help="the Python of kohya's environment")
+    parser.add_argument("--model", choices=("sd15", "sdxl"), default="sd15", help="the checkpoint's topology")
     parser.add_argument("--size", choices=tuple(SD15_WIDTHS), default="mid")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--images", type=int, default=8)
@@ -158,8 +201,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workdir", default=None, help="keep the checkpoint and data here (default: a temp dir)")
     args = parser.parse_args()
-    if not (Path(args.sd_scripts) / "train_network.py").is_file():
-        raise SystemExit(f"{args.sd_scripts} has no train_network.py: give a checkout of kohya-ss/sd-scripts")
+    script = "sdxl_train_network.py" if args.model == "sdxl" else "train_network.py"
+    if not (Path(args.sd_scripts) / script).is_file():
+        raise SystemExit(f"{args.sd_scripts} has no {script}: give a checkout of kohya-ss/sd-scripts")
 
     import tempfile
 
@@ -168,18 +212,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        checkpoint = work / f"sd15-{args.size}.safetensors"
+        checkpoint = work / f"{args.model}-{args.size}.safetensors"
         if not checkpoint.is_file():
-            write_checkpoint(checkpoint, args.size)
+            write_checkpoint(checkpoint, args.model, args.size)
         images = write_dataset(work / "data", args.images, args.resolution)
-        write_clip_tokenizer_files(work / "tokenizers" / "openai_clip-vit-large-patch14")
+        for name in KOHYA_TOKENIZERS[args.model]:
+            write_clip_tokenizer_files(work / "tokenizers" / name)
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "CUDA_VISIBLE_DEVICES": "" if args.device == "cpu" else os.environ.get("CUDA_VISIBLE_DEVICES", "")}
         commands = {"ours": (our_command(args, work, checkpoint, images, work / "out-ours"), REPO),
                     "kohya": (kohya_command(args, work, checkpoint, images, work / "out-kohya"),
                               Path(args.sd_scripts))}
-        print(f"checkpoint: SD1.5 topology, size {args.size} ({checkpoint.stat().st_size / 2**30:.2f} GiB fp32); "
+        topology = "SDXL" if args.model == "sdxl" else "SD1.5"
+        print(f"checkpoint: {topology} topology, size {args.size} ({checkpoint.stat().st_size / 2**30:.2f} GiB fp32); "
               f"{args.images} images at {args.resolution} px; batch 1, rank 16, UNet only, latents cached, fp32, "
               f"SDPA, AdamW, {args.steps} steps, {args.threads} threads, gradient checkpointing "
               f"{'on' if args.checkpointing else 'off'}", flush=True)
@@ -193,6 +239,11 @@ def main() -> None:
                 print(f"round {round_index + 1} {name:5}: first step {r['first_step_s']:6.1f} s, "
                       f"{r['s_per_step']:6.2f} s/step, peak RSS {r['peak_rss_gib']:5.2f} GiB "
                       f"(load average {r['load']:.1f})", flush=True)
+                if r["sampled_peak"]:
+                    at = r["sampled_peak"]
+                    print(f"    sampled peak {at['gib']:.2f} GiB at {at['at_s']:.1f} s, {at['steps']} steps done, "
+                          f"after: {at['after'][:120]}; largest after the first step {at.get('steps_gib', 0):.2f} GiB",
+                          flush=True)
         ours_lora = lora_parameters(work / "out-ours" / "ours.safetensors")
         kohya_lora = lora_parameters(work / "out-kohya" / "kohya.safetensors")
         print(f"LoRA modules / trained parameters: ours {ours_lora[0]} / {ours_lora[1]:,}, "

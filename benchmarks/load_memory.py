@@ -60,6 +60,8 @@ before = status("VmRSS")
 started = time.perf_counter()
 backbone = load_backbone(sys.argv[1])
 seconds = time.perf_counter() - started
+if hasattr(backbone, "load_released"):  # the UNet and the VAE's decoder are read on first use: the whole model
+    backbone.load_released()
 modules = [m for m in (getattr(backbone, n, None) for n in ("unet", "vae", "text_encoder", "text_encoder_2")) if m]
 checksum = sum(float(t.detach().float().sum()) for m in modules for t in [*m.parameters(), *m.buffers()])
 if sampler is not None:

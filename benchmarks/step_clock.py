@@ -2,12 +2,17 @@
 ``torch.optim.AdamW.step`` (both trainers use it), so steps are timed the same way for any trainer.
 
     python benchmarks/step_clock.py [--unet-width N] -- script.py ARGS...   # a script (kohya's train_network.py)
+    python benchmarks/step_clock.py --sdxl-unet-width N --sdxl-text-encoder-2-layers N -- sdxl_train_network.py ...
     python benchmarks/step_clock.py -- -m lora_trainer train --config c.yaml  # a module
 
 ``--unet-width`` sets kohya sd-scripts' SD1.5 UNet width constants (320 in its code) before the script runs, so
-that it can load the mid-size benchmark checkpoint; nothing else of the script is touched. ``--torchvision-shim``
-declares the two operators torchvision's import needs when its compiled part cannot load (PyPI's torchvision is
-built for CUDA torch; kohya imports only ``torchvision.transforms`` from it, which is plain Python).
+that it can load the mid-size benchmark checkpoint; nothing else of the script is touched. For SDXL,
+``--sdxl-unet-width`` sets its SDXL UNet's width constants (``MODEL_CHANNELS`` 320 and the time embedding's 4x
+that) and ``--sdxl-text-encoder-2-layers`` the layer count of the OpenCLIP bigG config its loader writes out
+(32); the text encoders' widths stay, as kohya's SDXL UNet has their sum (2048) written into its blocks.
+``--torchvision-shim`` declares the two operators torchvision's import needs when its compiled part cannot load
+(PyPI's torchvision is built for CUDA torch; kohya imports only ``torchvision.transforms`` from it, which is plain
+Python).
 """
 
 from __future__ import annotations
@@ -41,6 +46,26 @@ def _kohya_unet_width(width: int) -> None:
     model_util.UNET_PARAMS_MODEL_CHANNELS = width
 
 
+def _kohya_sdxl_sizes(unet_width: int, text_encoder_2_layers: int) -> None:
+    import library.sdxl_model_util as sdxl_model_util
+    import library.sdxl_original_unet as sdxl_original_unet
+
+    sdxl_original_unet.MODEL_CHANNELS = unet_width
+    sdxl_original_unet.TIME_EMBED_DIM = unet_width * 4
+    config = sdxl_model_util.CLIPTextConfig
+
+    def sized(*args, **kwargs):  # the second text encoder's config is the one 1280 wide
+        if kwargs.get("hidden_size") == 1280:
+            kwargs["num_hidden_layers"] = text_encoder_2_layers
+        return config(*args, **kwargs)
+
+    sdxl_model_util.CLIPTextConfig = sized
+
+
+def _option(options: list[str], name: str, default: int) -> int:
+    return int(options[options.index(name) + 1]) if name in options else default
+
+
 def _torchvision_shim() -> None:
     import torch
 
@@ -59,10 +84,11 @@ def main() -> None:
         _torchvision_shim()
     if target[0] != "-m":
         sys.path.insert(0, str(Path(target[0]).resolve().parent))
-    if "--unet-width" in options:
-        width = int(options[options.index("--unet-width") + 1])
-        if width != 320:
-            _kohya_unet_width(width)
+    if _option(options, "--unet-width", 320) != 320:
+        _kohya_unet_width(_option(options, "--unet-width", 320))
+    sdxl = _option(options, "--sdxl-unet-width", 320), _option(options, "--sdxl-text-encoder-2-layers", 32)
+    if sdxl != (320, 32):
+        _kohya_sdxl_sizes(*sdxl)
     if target[0] == "-m":
         sys.argv = [target[1], *target[2:]]
         runpy.run_module(target[1], run_name="__main__", alter_sys=True)

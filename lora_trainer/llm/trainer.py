@@ -32,6 +32,7 @@ from lora_trainer.llm.layout import TextRunLayout
 from lora_trainer.llm.model import check_model_folder, check_quantization, load_causal_lm, load_tokenizer
 from lora_trainer.llm.prompting import PromptRenderer
 from lora_trainer.llm.records import data_file_stamps
+from lora_trainer.llm.sharded import build_sharded_model, check_sharding
 from lora_trainer.train import checkpoint as ckpt
 from lora_trainer.train import preflight, runs
 from lora_trainer.train.distributed import SINGLE, Distributed, PeerLost
@@ -93,6 +94,12 @@ class TextTrainer:
     def _log(self, text: str, level: str = "info") -> None:
         self.bus.emit(MessageEvent(text, level))
 
+    @property
+    def _runs_main_forwards(self) -> bool:
+        """Whether this process runs the evaluation and samples: the main one, or every one when the weights are
+        sharded (each forward then gathers them from all); only the main one writes."""
+        return self.dist.is_main or self.dist.sharding is not None
+
     # ---- setup ------------------------------------------------------------------------------------
     def run(self) -> TextTrainResult:
         """Check what can be checked before the model loads, then train; OSErrors become one line."""
@@ -102,25 +109,17 @@ class TextTrainer:
         layout = TextRunLayout.of(cfg)
         device = self.dist.device or resolve_device(cfg.device)
         dtype = resolve_precision(cfg.mixed_precision, device)
-        self.dist.on_main(lambda: self._refuse_existing(layout))
         with reporting_os_errors(layout.output_dir):
             return self._run(layout, device, dtype)
-
-    def _refuse_existing(self, layout: TextRunLayout) -> None:
-        for folder in (layout.adapter_dir, layout.merged_dir if self.cfg.save_merged else None):
-            if folder is not None and folder.exists() and not self.cfg.overwrite:
-                raise FileExistsError(f"{folder} exists; set overwrite: true or choose another output_name")
-
-    def _prepare_output(self, layout: TextRunLayout) -> None:
-        preflight.check_output_dir(layout.output_dir)
-        for path in runs.remove_stale_temporaries(layout):
-            self._log(f"removed {path.name}, left unfinished by an interrupted run")
 
     def _run(self, layout: TextRunLayout, device: torch.device, dtype: torch.dtype) -> TextTrainResult:
         cfg, dist = self.cfg, self.dist
         check_model_folder(cfg.base_model, cfg.trust_remote_code)  # nothing is written for a model that cannot load
         check_quantization(cfg.load_in_4bit, device)
-        dist.on_main(lambda: self._prepare_output(layout))  # only the main process writes files
+        if dist.sharding is not None:
+            check_sharding(cfg)
+        outputs = [layout.adapter_dir] + ([layout.merged_dir] if cfg.save_merged else [])
+        dist.on_main(lambda: runs.prepare_output(layout, outputs, overwrite=cfg.overwrite, log=self._log))
         tokenizer = load_tokenizer(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
         renderer = PromptRenderer(tokenizer)
         if not renderer.uses_chat_template:
@@ -143,10 +142,15 @@ class TextTrainer:
             self._log(note)
         self._log(self._plan_line(steps, len(train_set), len(val_set)))
         self._log(f"loading base model {cfg.base_model}")
-        model = load_causal_lm(cfg.base_model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                               load_in_4bit=cfg.load_in_4bit)
-        torch.manual_seed(cfg.seed)  # the LoRA weights start the same in every run of this config
-        self.model = model = add_lora(model, cfg)
+        if dist.sharding is not None:
+            self._log(f"sharding the base model's weights over {dist.world_size} processes (FSDP)")
+            model = build_sharded_model(cfg, device=device, dtype=dtype, dist=dist)
+        else:
+            model = load_causal_lm(cfg.base_model, device=device, dtype=dtype,
+                                   trust_remote_code=cfg.trust_remote_code, load_in_4bit=cfg.load_in_4bit)
+            torch.manual_seed(cfg.seed)  # the LoRA weights start the same in every run of this config
+            model = add_lora(model, cfg)
+        self.model = model
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         run = _Run(model, tokenizer, renderer, train_set, val_set, device, dtype, pad_id or 0, layout, plan)
         result = self._train(run, steps.total)
@@ -194,7 +198,7 @@ class TextTrainer:
             result.steps_done, result.losses = progress.global_step, progress.losses
             if result.interrupted:
                 self._keep_on_interrupt(run, result, progress, optimizer, scheduler)
-            elif self.dist.is_main:
+            elif self._runs_main_forwards:
                 if run.val_set:
                     result.evals.append(self._evaluate(run, progress.global_step))
                 if cfg.sample_prompts:
@@ -269,10 +273,13 @@ class TextTrainer:
             examples = [run.train_set[index] for index in stream.at(progress.micro_step)]
             weight = 1.0
             if self.dist.enabled:
-                everyone, examples = supervised_tokens(examples), examples[self.dist.share(len(examples))]
-                weight = supervised_tokens(examples) / max(everyone, 1)
+                everyone, share = supervised_tokens(examples), examples[self.dist.share(len(examples))]
+                weight = supervised_tokens(share) / max(everyone, 1)
+                examples = share or examples[:1]  # sharded: every process runs every forward (a null one here)
             loss = None
-            if weight:
+            if not weight and self.dist.sharding is not None:
+                self._null_step(run, examples)
+            elif weight:
                 batch = {k: v.to(run.device) for k, v in collate(examples, run.pad_id).items()}
                 with run.autocast():
                     loss = run.model(**batch).loss.float()
@@ -284,13 +291,21 @@ class TextTrainer:
             progress.micro_step += 1
         return losses
 
+    def _null_step(self, run: _Run, examples: list[TokenizedExample]) -> None:
+        """A forward and backward that change no gradient, for a process whose share of a batch has no trained
+        token while the weights are sharded: the others need its part of every gather."""
+        batch = {k: v.to(run.device) for k, v in collate(examples, run.pad_id).items()}
+        with run.autocast():
+            logits = run.model(**batch).logits
+        (logits.float().sum() * 0.0).backward()
+
     def _periodic(self, run: _Run, result: TextTrainResult, progress: ckpt.Progress, optimizer: Any,
                   scheduler: Any) -> None:
         """Checkpoint, evaluation and samples due after this update (the final ones come after the loop)."""
         cfg, step = self.cfg, progress.global_step
         if cfg.save_steps and step % cfg.save_steps == 0:
             result.checkpoint = self._save_checkpoint(run, progress, optimizer, scheduler)
-        if not self.dist.is_main:  # evaluation and samples: the main process's
+        if not self._runs_main_forwards:  # evaluation and samples: the main process's
             return
         if cfg.eval_every and run.val_set and step % cfg.eval_every == 0:
             result.evals.append(self._evaluate(run, step))
@@ -348,6 +363,8 @@ class TextTrainer:
             answers = generate_answers(run.model, run.tokenizer, run.renderer, prompts,
                                        max_new_tokens=self.cfg.sample_max_new_tokens)
         pairs = list(zip(prompts, answers, strict=True))
+        if not self.dist.is_main:  # sharded: every process generated, the main one writes
+            return []
         path = atomic_write_text(run.layout.text_sample_file(step),
                                  "".join(f"## {prompt}\n\n{answer}\n\n" for prompt, answer in pairs))
         if run.writer:

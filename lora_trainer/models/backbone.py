@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,6 +23,9 @@ class Backbone(ABC):
     alphas_cumprod: torch.Tensor
     device: torch.device
     dtype: torch.dtype
+    #: Prompts :meth:`encode_prompts` may take in one call while captions are cached: 1 where the prompts of a
+    #: batch influence each other (the WebUI normalises emphasis weights over the whole batch).
+    prompts_per_call: int = 1
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -68,6 +73,17 @@ class Backbone(ABC):
             self.prediction_type = "v_prediction"
         if zero_terminal_snr:
             self.alphas_cumprod = zero_terminal_snr_alphas_cumprod(self.alphas_cumprod)
+
+    def load_denoiser(self) -> None:
+        """Make sure the denoiser's weights are in memory: a backbone may read them only once the encoders'
+        outputs are cached and the encoders released, so that the two never take memory together."""
+        return None
+
+    @contextmanager
+    def encoders_on_device(self) -> Iterator[None]:
+        """The encoders usable on the training device for the length of the block, after
+        :meth:`offload_encoders` (nothing to do for most models)."""
+        yield
 
     def offload_encoders(self, *, vae: bool, text_encoders: bool) -> None:
         """Release the VAE / text encoders from the training device once their outputs are cached.

@@ -10,10 +10,18 @@ import torch
 from torch import nn
 
 from lora_trainer.models.backbone import Backbone
+from lora_trainer.models.weight_release import CheckpointSource, is_released, release
 
 
 class DiffusersBackbone(Backbone):
     """An SD1.x / SD2.x model held as diffusers modules; the CLI's and the tests' backbone."""
+
+    #: The checkpoint file the modules were read from: frozen ones may then be released and read back on use.
+    source: CheckpointSource | None = None
+    #: The VAE's parts that encoding needs (its decoder may stay released until a preview).
+    ENCODE_PARTS = ("encoder", "quant_conv")
+    TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+    prompts_per_call = 8  # each prompt is encoded on its own (one call per caption is ~30% slower on a CPU)
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, *,
                  prediction_type: str = "epsilon", model_version: str = "sd_v1",
@@ -29,6 +37,7 @@ class DiffusersBackbone(Backbone):
         self._set_schedule(prediction_type, zero_terminal_snr)
         self.device = torch.device(device)
         self.dtype = dtype
+        self._pending: set[str] = set()  # modules with released weights (see ensure_loaded)
 
     def _set_schedule(self, prediction_type: str, zero_terminal_snr: bool) -> None:
         from diffusers import DDPMScheduler
@@ -49,6 +58,7 @@ class DiffusersBackbone(Backbone):
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersBackbone:
         """Move every module; ``dtype`` applies to the frozen base weights."""
+        self.load_released()
         self.device = torch.device(device)
         if dtype is not None:
             self.dtype = dtype
@@ -58,6 +68,7 @@ class DiffusersBackbone(Backbone):
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.ensure_loaded(["vae"], self.ENCODE_PARTS)
         pixels = pixels.to(self.device, dtype=self.vae.dtype)
         latents = self.vae.encode(pixels).latent_dist.sample()
         return latents * self.vae.config.scaling_factor
@@ -67,6 +78,7 @@ class DiffusersBackbone(Backbone):
                               truncation=True, return_tensors="pt").input_ids
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        self.ensure_loaded(self._encoder_names(False, True))
         ids = self.tokenize(prompts).to(self.device)
         if self.clip_skip > 1:
             out = self.text_encoder(ids, output_hidden_states=True)
@@ -77,6 +89,7 @@ class DiffusersBackbone(Backbone):
         return self.text_encoder(ids)[0]
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
+        self.ensure_loaded(["unet"])
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=conditioning).sample
 
     def text_encoders(self) -> list[nn.Module]:
@@ -101,20 +114,63 @@ class DiffusersBackbone(Backbone):
             getattr(te, f"activation_checkpointing_{name}", getattr(te, f"gradient_checkpointing_{name}"))()
 
     # ---- encoders off the training device while their outputs are cached ----------------------------------
-    def offload_encoders(self, *, vae: bool, text_encoders: bool) -> None:
-        """On a GPU, move the VAE / text encoders to the CPU (nothing to free on the CPU itself)."""
-        if self.device.type == "cpu":
+    def release_part(self, name: str, parts: tuple[str, ...] | None = None) -> bool:
+        """Release the frozen module ``name`` (or its submodules ``parts``) from memory when it can be read back
+        from the checkpoint; True when it was."""
+        if self.source is None or not self.source.can_rebuild(name):
+            return False
+        release(getattr(self, name), parts)
+        self._pending.add(name)
+        return True
+
+    def keep_source(self, source: CheckpointSource) -> None:
+        """Read released weights back from ``source``; modules built without their weights (``meta``) count as
+        released: they are read the first time they are used."""
+        self.source = source
+        self._pending = {name for name in source.rebuilds if is_released(getattr(self, name))}
+
+    def ensure_loaded(self, names: list[str], parts: tuple[str, ...] | None = None) -> None:
+        """Read back the released weights of the modules ``names`` (only when ``parts`` of them are released).
+        Nothing is read during a memory plan's dry run (the backbone then runs on the meta device)."""
+        if self.device.type == "meta" or self.source is None:
             return
-        self._offloaded = ([self.vae] if vae else []) + (self.text_encoders() if text_encoders else [])
+        for name in names:
+            module = getattr(self, name)
+            if name in self._pending and is_released(module, parts):
+                self.source.restore(name, module, self.device)
+                self._pending.discard(name)
+
+    def load_released(self) -> None:
+        """Read back every released weight (the whole model in memory again)."""
+        self.ensure_loaded(sorted(self._pending))
+
+    def load_denoiser(self) -> None:
+        self.ensure_loaded(["unet"])
+
+    def _encoder_names(self, vae: bool, text_encoders: bool) -> list[str]:
+        return (["vae"] if vae else []) + ([n for n in self.TEXT_ENCODER_NAMES if hasattr(self, n)]
+                                           if text_encoders else [])
+
+    def offload_encoders(self, *, vae: bool, text_encoders: bool) -> None:
+        """On a GPU, move the VAE / text encoders to the CPU; on the CPU, release them from memory when they can
+        be read back from the checkpoint file (nothing to do otherwise)."""
+        names = self._encoder_names(vae, text_encoders)
+        if self.device.type == "cpu":
+            self._released = [name for name in names if self.release_part(name)]
+            return
+        self._offloaded = [getattr(self, name) for name in names]
         for module in self._offloaded:
             module.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def restore_encoders(self) -> None:
+        """Undo :meth:`offload_encoders`: offloaded modules come back to the device; released ones are read back
+        the next time they are used."""
         for module in getattr(self, "_offloaded", []):
             module.to(self.device)
         self._offloaded = []
+        self._released = []
 
     @contextmanager
     def encoders_on_device(self) -> Iterator[None]:
@@ -122,11 +178,14 @@ class DiffusersBackbone(Backbone):
         offloaded = getattr(self, "_offloaded", [])
         for module in offloaded:
             module.to(self.device)
+        self.ensure_loaded(self._encoder_names(True, True))
         try:
             yield
         finally:
             for module in offloaded:
                 module.to("cpu")
+            for name in getattr(self, "_released", []):
+                self.release_part(name)
 
     # ---- previews -----------------------------------------------------------------------------------------
     def prompt_embeds(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -136,5 +195,6 @@ class DiffusersBackbone(Backbone):
     def sample(self, prompts: list[str], *, seed: int, steps: int, width: int, height: int) -> list[Any]:
         from lora_trainer.models.sampling import sample_images
 
+        self.load_denoiser()
         with self.encoders_on_device():
             return sample_images(self, prompts, seed=seed, steps=steps, width=width, height=height)

@@ -10,8 +10,10 @@ file (:mod:`lora_trainer.models.weights`): the model is never held twice. SDXL: 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from lora_trainer.models.text_encoders import (
     count_blocks,
     open_clip_to_transformers,
 )
+from lora_trainer.models.weight_release import CheckpointSource, release, return_freed_memory
 from lora_trainer.models.weights import (
     CHECKPOINT_SUFFIXES,
     EXPECTED,
@@ -44,6 +47,8 @@ from lora_trainer.models.weights import (
 )
 
 log = logging.getLogger(__name__)
+#: The VAE's parts used only to decode (previews).
+VAE_DECODER_PARTS = ("decoder", "post_quant_conv")
 
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
@@ -202,19 +207,44 @@ def build_open_clip(weights: dict[str, torch.Tensor], prefix: str, source: Path,
                               with_projection=with_projection, device=device, dtype=dtype)
 
 
+#: Tokenizers already built in this process, by (the content of their files, padding). A CLIP tokenizer's
+#: vocabulary is ~20 MB of Python objects on older transformers (4.30: a pure-Python tokenizer); SDXL needs two
+#: and every load would build them again, though checkpoints share one vocabulary. Nothing changes a tokenizer
+#: after :func:`clip_tokenizer` returns it.
+_TOKENIZERS: dict[tuple[Any, ...], Any] = {}
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json")
+
+
+def _tokenizer_files_digest(folder: Path) -> str:
+    """A digest of the tokenizer files in ``folder`` (names and bytes; a model's config.json beside them aside)."""
+    digest = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        file = folder / name
+        if file.is_file():
+            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def clip_tokenizer(folder: Path | None = None, *, pad_with_zero: bool = False) -> Any:
-    """The CLIP tokenizer from ``folder`` or built offline; ``pad_with_zero``: OpenCLIP's padding (token 0, "!")."""
-    from lora_trainer.models.tokenizer import load_clip_tokenizer
+    """The CLIP tokenizer from ``folder`` or found offline; ``pad_with_zero``: OpenCLIP's padding (token 0, "!").
 
-    if folder is not None and ((folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()):
-        from transformers import CLIPTokenizer
+    Built once per process for the same file contents and padding (see ``_TOKENIZERS``); callers must not
+    change it.
+    """
+    from transformers import CLIPTokenizer
 
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    else:
-        tokenizer = load_clip_tokenizer()
-    if pad_with_zero:
-        tokenizer.pad_token = "!"
-    return tokenizer
+    from lora_trainer.models.tokenizer import clip_tokenizer_folder
+
+    local = folder is not None and ((folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file())
+    source = folder if local and folder is not None else clip_tokenizer_folder()
+    key = (_tokenizer_files_digest(source), pad_with_zero)
+    if key not in _TOKENIZERS:
+        tokenizer = CLIPTokenizer.from_pretrained(str(source), local_files_only=True)
+        if pad_with_zero:
+            tokenizer.pad_token = "!"
+        _TOKENIZERS[key] = tokenizer
+    return _TOKENIZERS[key]
 
 
 def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> DiffusersBackbone:
@@ -249,19 +279,64 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Di
     def read(prefix: str) -> dict[str, torch.Tensor]:
         return checkpoint.tensors(prefix, device=device, dtype=dtype)
 
-    unet = build_unet(diffusers_unet_config(config, version, prediction, path), read(UNET_PREFIX), path, device,
-                      dtype)
-    vae = build_vae(config, read(VAE_PREFIX), path, device, dtype)
-    if version == "sd_v1":
-        text_encoder = build_clip(read(CLIP_PREFIX), CLIP_PREFIX, folder, path, device, dtype)
-    else:
-        text_encoder = build_open_clip(read(OPEN_CLIP_PREFIX), OPEN_CLIP_PREFIX, path, device, dtype,
-                                       penultimate=str(cond.get("layer", "penultimate")) == "penultimate")
-    return DiffusersBackbone(
-        unet, vae, text_encoder, tokenizer, prediction_type=prediction, model_version=version,
+    def vae() -> nn.Module:
+        return build_vae(config, read(VAE_PREFIX), path, device, dtype)
+
+    def text_encoder() -> nn.Module:
+        if version == "sd_v1":
+            return build_clip(read(CLIP_PREFIX), CLIP_PREFIX, folder, path, device, dtype)
+        return build_open_clip(read(OPEN_CLIP_PREFIX), OPEN_CLIP_PREFIX, path, device, dtype,
+                               penultimate=str(cond.get("layer", "penultimate")) == "penultimate")
+
+    unet_config = diffusers_unet_config(config, version, prediction, path)
+
+    def unet() -> nn.Module:
+        return build_unet(unet_config, read(UNET_PREFIX), path, device, dtype)
+
+    backbone = DiffusersBackbone(
+        first_unet(unet, unet_config, checkpoint, dtype), first_vae(vae, checkpoint), text_encoder(),
+        tokenizer, prediction_type=prediction, model_version=version,
         beta_start=float(params.get("linear_start", 0.00085)), beta_end=float(params.get("linear_end", 0.012)),
         num_train_timesteps=int(params.get("timesteps", 1000)), zero_terminal_snr=ztsnr, device=device,
         dtype=dtype)
+    return with_source(backbone, checkpoint, {"unet": unet, "vae": vae, "text_encoder": text_encoder})
+
+
+def first_unet(build: Callable[[], nn.Module], config: dict[str, Any], checkpoint: CheckpointFile,
+               dtype: torch.dtype) -> nn.Module:
+    """The UNet from ``build``; from a ``.safetensors`` file only its structure, checked against the names and
+    shapes of the file's weights (on ``meta``, in ``dtype``): training reads them once the latents and captions are
+    cached and the encoders released (see :func:`with_source`)."""
+    if not checkpoint.is_safetensors:
+        return build()
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet = build_empty(lambda: UNet2DConditionModel(**config))
+    shapes = {k: v for k, v in checkpoint.index.items() if k.startswith(UNET_PREFIX)}
+    fill_module(unet, convert_ldm_unet_checkpoint(shapes, config), what="UNet", source=checkpoint.path,
+                device="meta", dtype=dtype)
+    return unet
+
+
+def first_vae(build: Callable[[], nn.Module], checkpoint: CheckpointFile) -> nn.Module:
+    """The VAE from ``build``; from a ``.safetensors`` file without its decoder, which nothing needs before the
+    first preview (it is read back then, see :func:`with_source`)."""
+    vae = build()
+    if checkpoint.is_safetensors:
+        release(vae, VAE_DECODER_PARTS)
+    return vae
+
+
+def with_source(backbone: DiffusersBackbone, checkpoint: CheckpointFile,
+                rebuilds: dict[str, Callable[[], nn.Module]]) -> DiffusersBackbone:
+    """Let ``backbone`` read its UNet when training needs it, release its frozen encoders once their outputs
+    are cached, and read them back from a ``.safetensors`` checkpoint (a pickle checkpoint is read whole, so it
+    is not kept for that)."""
+    if checkpoint.is_safetensors:
+        backbone.keep_source(CheckpointSource(checkpoint.path, rebuilds))
+    return_freed_memory()  # what conversions left in the C heap
+    return backbone
 
 
 # ---- diffusers folders -----------------------------------------------------------------------------------------

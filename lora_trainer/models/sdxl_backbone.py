@@ -60,6 +60,7 @@ class SDXLBackbone(DiffusersBackbone):
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """``[B, 77 * context + pooled]``: both encoders' penultimate layers and bigG's projected pooled output."""
+        self.ensure_loaded(self._encoder_names(False, True))
         first = self.text_encoder(self._ids(self.tokenizer, prompts).to(self.device), output_hidden_states=True)
         second = self.text_encoder_2(self._ids(self.tokenizer_2, prompts).to(self.device), output_hidden_states=True)
         context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
@@ -76,6 +77,7 @@ class SDXLBackbone(DiffusersBackbone):
 
     def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
         """Without size ids (a bare :meth:`encode_prompts` tensor) the latents' own size is used, uncropped."""
+        self.ensure_loaded(["unet"])
         if not isinstance(conditioning, dict):
             context, pooled = self._unpack(conditioning)
             height, width = (8 * s for s in noisy_latents.shape[-2:])

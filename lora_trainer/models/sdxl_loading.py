@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lora_trainer.models.ldm_checkpoint import SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX
 from lora_trainer.models.ldm_config import (
@@ -32,10 +33,13 @@ from lora_trainer.models.loading import (
     build_vae,
     check_subfolders,
     clip_tokenizer,
+    first_unet,
+    first_vae,
     load_pretrained,
     noise_markers,
     read_yaml,
     scheduler_settings,
+    with_source,
 )
 from lora_trainer.models.sdxl_backbone import SDXLBackbone, vae_dtype
 from lora_trainer.models.weights import CheckpointFile, ModelLoadError
@@ -116,13 +120,26 @@ def load_sdxl_single_file(checkpoint: CheckpointFile, device: torch.device, dtyp
     def read(prefix: str, as_dtype: torch.dtype = dtype) -> dict[str, torch.Tensor]:
         return checkpoint.tensors(prefix, device=device, dtype=as_dtype)
 
-    unet = build_unet(sdxl_unet_diffusers_config(config, size_dim, path), read(UNET_PREFIX), path, device, dtype)
-    vae = build_vae(config, read(VAE_PREFIX, vae_dtype(dtype)), path, device, vae_dtype(dtype))
-    text_encoder = build_clip(read(SDXL_CLIP_PREFIX), SDXL_CLIP_PREFIX, clip_folder, path, device, dtype)
-    text_encoder_2 = build_open_clip(read(SDXL_OPEN_CLIP_PREFIX), SDXL_OPEN_CLIP_PREFIX, path, device, dtype,
-                                     penultimate=False, with_projection=True)
-    return SDXLBackbone(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, prediction_type=prediction,
-                        zero_terminal_snr=ztsnr, device=device, dtype=dtype)
+    def vae() -> nn.Module:
+        return build_vae(config, read(VAE_PREFIX, vae_dtype(dtype)), path, device, vae_dtype(dtype))
+
+    def text_encoder() -> nn.Module:
+        return build_clip(read(SDXL_CLIP_PREFIX), SDXL_CLIP_PREFIX, clip_folder, path, device, dtype)
+
+    def text_encoder_2() -> nn.Module:
+        return build_open_clip(read(SDXL_OPEN_CLIP_PREFIX), SDXL_OPEN_CLIP_PREFIX, path, device, dtype,
+                               penultimate=False, with_projection=True)
+
+    unet_config = sdxl_unet_diffusers_config(config, size_dim, path)
+
+    def unet() -> nn.Module:
+        return build_unet(unet_config, read(UNET_PREFIX), path, device, dtype)
+
+    backbone = SDXLBackbone(first_unet(unet, unet_config, checkpoint, dtype), first_vae(vae, checkpoint),
+                            text_encoder(), text_encoder_2(), tokenizer, tokenizer_2,
+                            prediction_type=prediction, zero_terminal_snr=ztsnr, device=device, dtype=dtype)
+    return with_source(backbone, checkpoint,
+                       {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2})
 
 
 def load_sdxl_folder(path: Path, device: torch.device, dtype: torch.dtype) -> SDXLBackbone:

@@ -12,6 +12,10 @@ keeps its share (:meth:`Distributed.share`) and divides its loss by the global b
 gradients over the processes (:meth:`Distributed.sync_update`, one all-reduce per update that also carries the
 losses and the stop and out-of-memory flags) is the gradient of the one-process loss. Only the main process
 writes files; what it decides or reads on behalf of all reaches the others through :meth:`Distributed.on_main`.
+
+A text-generation run may also split the base model's weights over the processes (FSDP,
+:mod:`lora_trainer.llm.sharded`): the LoRA weights stay whole in every process, so the same all-reduce, loop and
+files serve it.
 """
 
 from __future__ import annotations
@@ -24,11 +28,9 @@ from typing import Any, TypeVar
 import torch
 
 from lora_trainer.errors import UserError
+from lora_trainer.train.sharding import Sharding, read_sharding
 
 T = TypeVar("T")
-#: Environment variables with which ``accelerate launch`` asks for sharded weights, and what they are called.
-SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 #: Process counts set by MPI launchers (mpirun, which ``accelerate launch --cpu`` uses for several processes).
 MPI_SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -91,14 +93,6 @@ def read_launch(environ: Mapping[str, str]) -> Launch | None:
     return Launch(rank, world, rank if local is None else local)
 
 
-def requested_sharding(environ: Mapping[str, str]) -> str | None:
-    """The sharding scheme ``accelerate launch`` was configured with (``"FSDP"``...), or None."""
-    for name, scheme in SHARDING_ENV.items():
-        if environ.get(name, "").lower() in ("1", "true", "yes"):
-            return scheme
-    return None
-
-
 def process_device(name: str, local_rank: int) -> torch.device:
     """The device of the process with ``local_rank`` on its machine: ``cuda:<local_rank>`` for ``auto`` (when
     CUDA is there) and ``cuda``; ``cpu`` stays the CPU; one named GPU cannot serve several processes."""
@@ -136,6 +130,14 @@ class Distributed:
     local_rank: int = 0
     device: torch.device | None = None  # None: alone, the config's device applies
     owns_group: bool = False  # :func:`start` created the process group, so :meth:`close` ends it
+    sharding: Sharding | None = None  # FSDP: the base model's weights are split over the processes
+
+    def refuse_sharding(self, what: str) -> None:
+        """One line when the launcher asked for sharded weights, which ``what`` cannot use."""
+        if self.sharding is not None:
+            raise DistributedError(f"accelerate launch is configured for FSDP (sharded weights), which only "
+                                   f"text-generation LoRAs use: {what}; launch with a data-parallel config "
+                                   "(examples/accelerate_multi_gpu.yaml) or torchrun")
 
     @property
     def enabled(self) -> bool:
@@ -151,7 +153,8 @@ class Distributed:
         return slice(self.rank * size // self.world_size, (self.rank + 1) * size // self.world_size)
 
     # ---- collectives --------------------------------------------------------------------------------
-    def _collective(self, what: str, operation: Callable[[], T]) -> T:
+    def collective(self, what: str, operation: Callable[[], T]) -> T:
+        """``operation()`` (a collective call named ``what``); :class:`PeerLost` when another process is gone."""
         try:
             return operation()
         except (RuntimeError, ConnectionError) as err:  # torch's DistError is a RuntimeError
@@ -176,7 +179,7 @@ class Distributed:
                   for loss in losses]
         parts.append(torch.tensor([float(stop), float(failed)], device=device))
         bucket = torch.cat(parts)
-        self._collective("the gradient all-reduce", lambda: dist.all_reduce(bucket, op=dist.ReduceOp.SUM))
+        self.collective("the gradient all-reduce", lambda: dist.all_reduce(bucket, op=dist.ReduceOp.SUM))
         stop_any, failed_any = (value > 0 for value in bucket[-2:].tolist())
         offset = 0
         for p in params:
@@ -213,7 +216,7 @@ class Distributed:
     def _broadcast(self, holder: list[Any]) -> None:
         import torch.distributed as dist
 
-        self._collective("a broadcast from the main process", lambda: dist.broadcast_object_list(holder, src=0))
+        self.collective("a broadcast from the main process", lambda: dist.broadcast_object_list(holder, src=0))
 
     def agree(self, value: Any, what: str) -> None:
         """Check that every process has the same ``value`` (e.g. the data set's digest); a UserError on every
@@ -223,7 +226,7 @@ class Distributed:
         import torch.distributed as dist
 
         values: list[Any] = [None] * self.world_size
-        self._collective(f"comparing {what}", lambda: dist.all_gather_object(values, value))
+        self.collective(f"comparing {what}", lambda: dist.all_gather_object(values, value))
         differ = [rank for rank, other in enumerate(values) if other != values[0]]
         if differ:
             raise DistributedError(f"{what} differs between the processes: process(es) {differ} see other {what} "
@@ -245,17 +248,12 @@ def start(device_name: str) -> Distributed:
     """Join the process group the launcher's environment describes (or use the one this program has started
     already), or return :data:`SINGLE` when this process runs alone. ``device_name`` is the config's ``device``.
 
-    ``accelerate launch`` configured for sharded weights (FSDP, DeepSpeed, Megatron-LM) is refused: every process
-    holds the whole model."""
+    FSDP asked for in the environment (:mod:`lora_trainer.train.sharding`) is carried in ``sharding`` (one
+    process alone has nothing to shard with and runs as usual); DeepSpeed, Megatron-LM and FSDP options that
+    cannot apply are refused with one line."""
     environ = os.environ
     launch = read_launch(environ)
-    scheme = requested_sharding(environ)
-    if scheme is not None:
-        raise DistributedError(
-            f"accelerate launch is configured for {scheme} (sharded weights), which lora-trainer does not do: each "
-            "process holds the whole base model and trains its share of every batch. Launch with a data-parallel "
-            "config (examples/accelerate_multi_gpu.yaml) or torchrun; for a language model too big for one GPU, "
-            "set load_in_4bit: true (QLoRA) and gradient_checkpointing: true")
+    sharding = read_sharding(environ)
     if launch is None:
         return SINGLE
     import torch.distributed as dist
@@ -269,7 +267,7 @@ def start(device_name: str) -> Distributed:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if dist.is_initialized():
-        return Distributed(launch.rank, launch.world_size, launch.local_rank, device)
+        return Distributed(launch.rank, launch.world_size, launch.local_rank, device, sharding=sharding)
     try:
         # env://: under torchrun the store at MASTER_ADDR:MASTER_PORT is the launcher's own
         dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size)
@@ -277,4 +275,4 @@ def start(device_name: str) -> Distributed:
         raise DistributedError(f"process {launch.rank} of {launch.world_size} could not join the process group at "
                                f"{environ.get('MASTER_ADDR')}:{environ.get('MASTER_PORT')} ({backend}): "
                                f"{' '.join(str(err).split())[:200]}") from None
-    return Distributed(launch.rank, launch.world_size, launch.local_rank, device, owns_group=True)
+    return Distributed(launch.rank, launch.world_size, launch.local_rank, device, owns_group=True, sharding=sharding)

@@ -243,20 +243,22 @@ _DRY_RUNS: dict[tuple, tuple[int, int, int]] = {}
 
 
 def dry_run(backbone: Any, roots: dict[str, nn.Module], resolution: int, checkpointing: bool,
-            dtype: torch.dtype) -> tuple[int, int, int]:
+            dtype: torch.dtype, conditioning: Any = None) -> tuple[int, int, int]:
     """Per sample: bytes autograd keeps for the backward pass, bytes of the largest block the backward pass
     recomputes (with checkpointing; else 0), and the peak bytes of one VAE encode.
 
     A dry run of the backbone's own ``predict`` and ``encode_images`` on the ``meta`` device: every parameter and
     buffer is swapped for a meta tensor of the same shape (floating point in ``dtype``, as under autocast), so
     nothing is allocated or computed; attention runs as the fused kernels do (no attention matrix). Results are
-    remembered per model structure and setting.
+    remembered per model structure and setting. ``conditioning``: one prompt's conditioning as
+    ``encode_prompts`` gives it (only its shape is used), when the run has it cached already.
     """
     key = _structure_key(backbone, roots, resolution, checkpointing, dtype)
     if key not in _DRY_RUNS:
         devices = [backbone.device] if backbone.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():  # the run's random stream is untouched
-            conditioning = backbone.encode_prompts([""])
+        if conditioning is None:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():  # the run's random stream is untouched
+                conditioning = backbone.encode_prompts([""])
         with torch.random.fork_rng(devices=devices):
             _DRY_RUNS[key] = _dry_run(backbone, roots, _meta_like(conditioning, dtype), resolution, checkpointing,
                                       dtype)
@@ -435,7 +437,8 @@ def plan_run(cfg: Any, backbone: Any, roots: dict[str, nn.Module], device: torch
         weights=component_weights(backbone, device), lora_parameters=lora_parameter_count(roots),
         num_latents=num_latents, num_prompts=len(text_cache or {}),
         prompt_bytes=0 if prompt is None else prompt.numel() * prompt.element_size(),
-        dry_run=lambda resolution, checkpointing: dry_run(backbone, roots, resolution, checkpointing, dtype))
+        dry_run=lambda resolution, checkpointing: dry_run(backbone, roots, resolution, checkpointing, dtype,
+                                                          None if prompt is None else prompt.unsqueeze(0)))
     if device.type == "cpu" and budget is not None:
         budget += resident_bytes(backbone.frozen_modules(), device)  # the loaded model is part of the estimate
     plan = plan_memory(model, Settings.of(cfg), budget=budget, budget_source=source, device=device,

@@ -97,7 +97,7 @@ class Validators:
 def prepare_validation(cfg: TrainConfig, backbone: Any, train_items: list[TrainItem], held_out: list[TrainItem],
                        autocast: Callable[[], Any] = contextlib.nullcontext) -> Validators | None:
     """Encode and noise the validation images once (None without any): call it while the VAE and the text
-    encoders are still on the training device, before they are offloaded."""
+    encoders are on the training device (``backbone.encoders_on_device()``)."""
     if not held_out:
         return None
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,21 @@ def remove_stale_temporaries(layout: RunLayout) -> list[Path]:
     for run_dir in run_dirs(root, layout.output_name):
         removed += ckpt.remove_unfinished(run_dir)
     return removed
+
+
+def prepare_output(layout: RunLayout, outputs: Iterable[Path], *, overwrite: bool, log: Callable[[str], None]
+                   ) -> None:
+    """Make ``layout.output_dir`` ready for a run (the main process's job, before anything is trained): refuse an
+    existing one of ``outputs`` (the run's LoRA file or adapter folders) unless ``overwrite``, prove the folder
+    writable, and remove what an interrupted run of the same name left half-written."""
+    from lora_trainer.train import preflight
+
+    for path in outputs:
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; set overwrite: true or choose another output_name")
+    preflight.check_output_dir(layout.output_dir)
+    for path in remove_stale_temporaries(layout):
+        log(f"removed {path.name}, left unfinished by an interrupted run")
 
 
 @dataclass

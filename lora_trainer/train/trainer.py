@@ -143,25 +143,17 @@ class Trainer:
     def run(self) -> TrainResult:
         """Check everything that can be checked before the model loads, then train; OSErrors become one line."""
         cfg = self.cfg
+        self.dist.refuse_sharding("an image model fits one GPU, so image LoRAs train data-parallel")
         layout = RunLayout.of(cfg)
         device = self.dist.device or resolve_device(cfg.device)
         dtype = resolve_precision(cfg.mixed_precision, device)
-        self.dist.on_main(lambda: self._refuse_existing(layout))
         with reporting_os_errors(layout.output_dir):
             return self._run(layout, device, dtype)
 
-    def _refuse_existing(self, layout: RunLayout) -> None:
-        if layout.lora_file.exists() and not self.cfg.overwrite:
-            raise FileExistsError(f"{layout.lora_file} exists; set overwrite: true or choose another output_name")
-
-    def _prepare_output(self, layout: RunLayout) -> None:
-        preflight.check_output_dir(layout.output_dir)
-        for path in runs.remove_stale_temporaries(layout):
-            self._log(f"removed {path.name}, left unfinished by an interrupted run")
-
     def _run(self, layout: RunLayout, device: torch.device, dtype: torch.dtype) -> TrainResult:
         cfg, dist = self.cfg, self.dist
-        dist.on_main(lambda: self._prepare_output(layout))  # only the main process writes files
+        dist.on_main(lambda: runs.prepare_output(layout, [layout.lora_file], overwrite=cfg.overwrite,
+                                                 log=self._log))  # only the main process writes files
         scan, held_out = hold_out(self._scan(), cfg, self._log)
         self.validating = bool(held_out)
         if dist.enabled:
@@ -185,15 +177,20 @@ class Trainer:
                 module.requires_grad_(False)
             latents = self._encode_latents(scan.items) if cfg.cache_latents else None
             text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
+            # the encoders leave before the denoiser is read: the two never take memory together
+            backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
+            backbone.load_denoiser()
             inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                         unet_targets=list(cfg.target_modules), te_targets=TE_TARGETS)
             if self._plan_memory(backbone, roots, device, dtype, len(latents or ()), text_cache):
                 scan, held_out = hold_out(self._scan(), self.cfg, lambda *_: None)  # auto_fit lowered the resolution
-                latents = self._encode_latents(scan.items) if self.cfg.cache_latents else None
-            if dist.is_main:  # before the encoders leave the device: the held-out images are encoded once
-                self.validators = prepare_validation(self.cfg, backbone, scan.items, held_out,
-                                                     lambda: self._autocast(device, dtype))
-            backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
+                with backbone.encoders_on_device():
+                    latents = self._encode_latents(scan.items) if self.cfg.cache_latents else None
+            self.validators = None
+            if dist.is_main and held_out:  # the held-out images are encoded once
+                with backbone.encoders_on_device():
+                    self.validators = prepare_validation(self.cfg, backbone, scan.items, held_out,
+                                                         lambda: self._autocast(device, dtype))
             with fast_paths(roots["lora_unet"], channels_last=cfg.channels_last, compile_model=cfg.torch_compile,
                             notify=self._log):
                 return self._train(scan, backbone, roots, device, dtype, plan, layout, steps, latents, text_cache)
@@ -408,10 +405,12 @@ class Trainer:
         prompts = sorted({item.caption for item in items} | {""})
         cache: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for prompt in prompts:
+            per_call = max(1, self.backbone.prompts_per_call)
+            for start in range(0, len(prompts), per_call):
                 if self.should_stop():
                     raise _StoppedWhileCaching("caching text embeddings")
-                cache[prompt] = self.backbone.encode_prompts([prompt])[0].detach()
+                chunk = prompts[start:start + per_call]
+                cache.update(zip(chunk, self.backbone.encode_prompts(chunk).detach(), strict=True))
         return cache
 
     def _micro_loss(self, indices: list[int], items: list[TrainItem], latents: dict | None,

@@ -10,7 +10,7 @@ import torch
 from benchmarks import load_memory
 from lora_trainer.config import config_from_dict
 from lora_trainer.models.loading import load_backbone
-from lora_trainer.models.weights import CheckpointFile
+from lora_trainer.models.weights import CheckpointFile, ModelLoadError
 from lora_trainer.train.trainer import Trainer
 
 # Losses of the run below with the loader before lean loading (main at 100562f), per (torch, diffusers) stack.
@@ -56,29 +56,44 @@ def test_weights_get_their_own_aligned_memory_in_the_training_dtype(tiny_checkpo
     from lora_trainer.models.tiny import write_tiny_checkpoint
 
     backbone = load_backbone(tiny_checkpoint)
+    backbone.load_released()  # the UNet and the VAE decoder are read on first use
     params = [p for m in backbone.modules() for p in m.parameters()]
     assert not any(p.is_meta for p in params)
     assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in params if p.is_contiguous())
     assert all(p.data_ptr() % 64 == 0 for p in params if p.untyped_storage().data_ptr() == p.data_ptr())
     half = load_backbone(write_tiny_checkpoint(tmp_path, "half", dtype=torch.float16))
+    half.load_released()
     assert {p.dtype for m in half.modules() for p in m.parameters()} == {torch.float32}
     weight = backbone.unet.conv_in.weight
     torch.testing.assert_close(half.unet.conv_in.weight, weight.half().float(), atol=0, rtol=0)
     bf16 = load_backbone(tiny_checkpoint, dtype=torch.bfloat16)
+    bf16.load_released()
     assert {p.dtype for m in bf16.modules() for p in m.parameters()} == {torch.bfloat16}
     assert bf16.dtype == torch.bfloat16
 
 
-def test_converted_tensors_are_read_in_chunks(tiny_checkpoint: Path, monkeypatch) -> None:
-    """Each chunk is read through its own mapping (released after conversion), never the whole file at once."""
-    checkpoint = CheckpointFile(tiny_checkpoint)
-    reads: list[int] = []
-    read = checkpoint._read
-    monkeypatch.setattr(checkpoint, "_read", lambda names=None: reads.append(len(names)) or read(names))
-    monkeypatch.setattr(CheckpointFile, "CHUNK_BYTES", 2**20)
-    unet = checkpoint.tensors("model.diffusion_model.", dtype=torch.float16)
-    assert {v.dtype for v in unet.values()} == {torch.float16} and len(unet) == sum(reads)
-    assert len(reads) > 5 and max(reads) < len(unet) / 2
+def test_tensors_are_read_as_safetensors_reads_them(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Each tensor's bytes come straight from the file (no mapping): the same values as safetensors' own reader,
+    converted to the asked dtype; a file cut short is one clear error."""
+    from safetensors.torch import load_file
+
+    from lora_trainer.models.tiny import write_tiny_checkpoint
+
+    half = write_tiny_checkpoint(tmp_path, "half", dtype=torch.float16)
+    reference = load_file(str(half))
+    for dtype in (torch.float16, torch.float32, torch.bfloat16):
+        got = CheckpointFile(half).tensors("model.", "first_stage_model.", "cond_stage_model.", dtype=dtype)
+        assert set(got) == {k for k in reference if k.startswith(("model.", "first_stage_model.", "cond_stage"))}
+        for name, tensor in got.items():
+            want = reference[name].to(dtype) if reference[name].is_floating_point() else reference[name]
+            assert tensor.dtype == want.dtype and torch.equal(tensor, want), name
+    cut = tmp_path / "cut.safetensors"
+    checkpoint = CheckpointFile(half)
+    cut.write_bytes(half.read_bytes())
+    checkpoint.path = cut
+    cut.write_bytes(half.read_bytes()[:-1000])
+    with pytest.raises(ModelLoadError, match="ends early"):
+        checkpoint.tensors("model.")
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the resident set size from /proc (Linux)")

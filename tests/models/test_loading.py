@@ -26,6 +26,7 @@ def _final_norm(text_encoder: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def _assert_same_model(backbone, components: dict, *, atol: float = 1e-5, text: bool = True) -> None:
+    backbone.load_released()  # the UNet and the VAE decoder are read on first use
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, 8, 8, generator=generator)
     context = torch.randn(1, 77, 32, generator=generator)
@@ -306,3 +307,22 @@ def test_sd2_768_v_without_yaml_trains_v_with_v_parameterization(tiny_sd2: tuple
         metadata = handle.metadata()
     assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert (metadata["ss_v2"], metadata["ss_v_parameterization"]) == ("True", "True")
+
+
+def test_a_tokenizer_is_built_once_per_vocabulary_and_padding(tmp_path: Path) -> None:
+    """Checkpoints whose tokenizer files hold the same bytes share one tokenizer (a CLIP vocabulary is ~20 MB of
+    Python objects on transformers 4.30); another padding or other files give another one."""
+    from lora_trainer.models.loading import clip_tokenizer
+    from lora_trainer.models.tokenizer import write_demo_tokenizer_files
+
+    first, second, changed = (write_demo_tokenizer_files(tmp_path / name) for name in ("a", "b", "c"))
+    (first / "config.json").write_text('{"hidden_size": 32}')  # a model's config beside the tokenizer: not a key
+    (second / "config.json").write_text('{"hidden_size": 64}')
+    settings = json.loads((changed / "tokenizer_config.json").read_text())
+    (changed / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 64}))
+    assert clip_tokenizer(first) is clip_tokenizer(second)
+    padded = clip_tokenizer(first, pad_with_zero=True)
+    assert padded is not clip_tokenizer(first) and padded is clip_tokenizer(second, pad_with_zero=True)
+    assert (padded.pad_token, clip_tokenizer(first).pad_token) == ("!", "<|endoftext|>")
+    assert clip_tokenizer(changed) is not clip_tokenizer(first)
+    assert clip_tokenizer(changed).model_max_length == 64

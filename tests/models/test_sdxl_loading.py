@@ -23,6 +23,7 @@ PROMPTS = ["a red circle on a blue background", ""]
 def assert_same_sdxl(backbone, reference, *, atol: float = 1e-5) -> None:
     """Same conditioning, denoiser output (with size ids), VAE and tokenization as ``reference``."""
     assert isinstance(backbone, SDXLBackbone) and backbone.model_version == "sdxl"
+    backbone.load_released()  # the UNet and the VAE decoder are read on first use
     for tokenizer in ("tokenizer", "tokenizer_2"):
         ids = SDXLBackbone._ids(getattr(backbone, tokenizer), PROMPTS)
         assert torch.equal(ids, SDXLBackbone._ids(getattr(reference, tokenizer), PROMPTS)), tokenizer

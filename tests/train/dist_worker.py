@@ -5,9 +5,11 @@ The spec lists jobs run one after another in the same process group: ``{"cli": [
 Trainer whose process ``r`` asks to stop once it has seen ``k`` steps (``"die": true``: process ``r`` dies there
 instead, as a crash would end it); ``"oom_rank": r, "oom_call": n``: the n-th denoiser call of process ``r``
 raises a (simulated) CUDA out-of-memory error; ``"alarm_after": k``: a planted overfit, the overfitting alarm
-fires at the k-th validation (which the main process runs). Every file-system change a process makes under
-``spec["watch"]`` is recorded with an audit hook; after each job, the changes and results so far are written to
-``<spec["audit_dir"]>/rank<N>.json``. Ctrl-C and SIGTERM are handled as the command line handles them.
+fires at the k-th validation (which the main process runs); ``"env": {...}``: the job runs with these
+environment variables set (``ACCELERATE_USE_FSDP``...: sharded weights, as accelerate launch asks for them).
+Every file-system change a process makes under ``spec["watch"]`` is recorded with an audit hook; after each job,
+the changes and results so far are written to ``<spec["audit_dir"]>/rank<N>.json``. Ctrl-C and SIGTERM are
+handled as the command line handles them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -58,16 +61,18 @@ def main() -> int:
 
     from lora_trainer.cli import main as cli_main
     from lora_trainer.train import distributed
+    from lora_trainer.train.sharding import read_sharding
 
     group = distributed.start("cpu")
     record = Path(spec["audit_dir"]) / f"rank{group.rank}.json"
     results: list = []
     try:
         for job in spec["jobs"]:
-            if "cli" in job:
-                results.append(cli_main(job["cli"]))
-            else:
-                results.append(run_job(job, group))
+            with environment(job.get("env", {})):
+                if "cli" in job:
+                    results.append(cli_main(job["cli"]))
+                else:
+                    results.append(run_job(job, replace(group, sharding=read_sharding(os.environ))))
             record.write_text(json.dumps({"changes": changes, "results": results}), encoding="utf-8")
     finally:
         group.close()
@@ -117,6 +122,21 @@ def run_job(job: dict, group) -> dict:
     return {"steps_done": result.steps_done, "interrupted": result.interrupted, "checkpoint": str(result.checkpoint),
             "lora_path": str(result.lora_path), "losses": result.losses, "warnings": warnings,
             "best_step": quality.best_step if quality else None}
+
+
+@contextmanager
+def environment(values: dict):
+    """``values`` set in ``os.environ`` for the block."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """Data-parallel training: the launcher's environment, and two CPU processes (torchrun, gloo) that train the image
 LoRA and the text LoRA one process trains with twice the batch, write nothing but from the main process, and stop
-together with one resumable checkpoint."""
+together with one resumable checkpoint; the text LoRA also with its base weights sharded (FSDP)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from lora_trainer.config import config_from_dict
 from lora_trainer.lora.export import read_lora_metadata
 from lora_trainer.train import distributed
-from lora_trainer.train.distributed import Distributed, DistributedError, read_launch, requested_sharding
+from lora_trainer.train.distributed import Distributed, DistributedError, read_launch
+from lora_trainer.train.sharding import ShardingError
 from lora_trainer.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,12 +53,30 @@ def test_incomplete_launch_environment_is_one_clear_line(environ, words):
     assert "\n" not in str(err.value)
 
 
-def test_sharding_asked_of_a_data_parallel_trainer_is_refused(monkeypatch):
-    assert requested_sharding({"ACCELERATE_USE_FSDP": "true"}) == "FSDP"
-    assert requested_sharding({"ACCELERATE_USE_DEEPSPEED": "false"}) is None
+def test_deepspeed_and_megatron_launches_are_refused_with_one_line(monkeypatch):
+    for name, words in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed, which lora-trainer does not support"),
+                        ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM, which lora-trainer does not support")):
+        with monkeypatch.context() as patch:
+            patch.setenv(name, "true")
+            with pytest.raises(ShardingError, match=words) as err:
+                distributed.start("cpu")
+            assert "\n" not in str(err.value)
+
+
+def test_fsdp_alone_runs_as_one_process(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(DistributedError, match="FSDP"):
-        distributed.start("cpu")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.start("cpu") is distributed.SINGLE
+
+
+def test_an_image_run_with_sharded_weights_is_refused(make_tiny_backbone, tmp_path):
+    from lora_trainer.train.sharding import Sharding
+
+    cfg = config_from_dict({"train_data_dir": str(tmp_path), "base_model": "given", "output_dir": str(tmp_path),
+                            "device": "cpu"})
+    with pytest.raises(DistributedError, match="image model fits one GPU") as err:
+        Trainer(cfg, make_tiny_backbone(), dist=Distributed(0, 2, sharding=Sharding())).run()
+    assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
 
 
 def test_alone_the_process_group_is_never_touched(monkeypatch):
@@ -127,11 +146,24 @@ def torchrun(spec: dict, workdir: Path, processes: int = 2) -> tuple[subprocess.
     return done, records
 
 
+#: FSDP as accelerate 1.x asks for it (fsdp_version 2) and as accelerate 0.21 does (SHARD_GRAD_OP, by number)
+FSDP_V2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true",
+           "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+           "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "FSDP_SYNC_MODULE_STATES": "true"}
+FSDP_OLD = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "2", "FSDP_OFFLOAD_PARAMS": "false"}
+#: the sharded run that stops: 5 training examples (1 held out) in global batches of 4, so process 0's share of
+#: the second batch is empty; every process evaluates and answers the sample prompt, process 0 writes
+TEXT_HELD_OUT = {"validation_split": 0.2, "eval_every": 2, "sample_prompts": ["What colour is a zorblat?"],
+                 "sample_every": 2, "sample_max_new_tokens": 4}
+
+
 def launch_two_processes(root: Path) -> SimpleNamespace:
     """Two processes under torchrun: the image and the text run from the command line (batch_size 1 and 2 per
     process), each again with process 1 asking to stop after step 2, an image run in which process 1 runs out of
     memory in update 3, an image run with validation whose alarm is planted at the third validation (early stop),
-    and last an image run whose process 1 dies after step 2 (the group is broken after it)."""
+    the text run from the command line with its base weights sharded (FSDP), a sharded text run with a held-out
+    example whose process 1 asks to stop after step 2, and last an image run whose process 1 dies after step 2
+    (the group is broken after it)."""
     from lora_trainer.demo import make_demo_dataset
     from lora_trainer.llm.tiny import build_tokenizer, write_tiny_causal_lm
     from lora_trainer.models.tiny import write_tiny_checkpoint
@@ -157,6 +189,12 @@ def launch_two_processes(root: Path) -> SimpleNamespace:
     jobs.append({"config": {**image, "batch_size": 1, "output_dir": str(outputs / "image-early"),
                             "validation_split": 0.2, "validate_every": 1, "early_stop": True, "save_every_n_epochs": 1},
                  "alarm_after": 3})
+    sharded = root / "text-fsdp.yaml"
+    sharded.write_text(yaml.safe_dump({**text, "batch_size": 2, "output_dir": str(outputs / "text-fsdp")}),
+                       encoding="utf-8")
+    jobs.append({"cli": ["train", "--config", str(sharded)], "env": FSDP_V2})
+    jobs.append({"config": {**text, **TEXT_HELD_OUT, "batch_size": 2, "output_dir": str(outputs / "text-fsdp-stopped")},
+                 "stop_rank": 1, "stop_after": 2, "env": FSDP_OLD})
     jobs.append({"config": {**image, "batch_size": 1, "output_dir": str(outputs / "image-lost")}, "stop_rank": 1,
                  "stop_after": 2, "die": True})
     done, records = torchrun({"watch": str(outputs), "jobs": jobs}, root)
@@ -181,10 +219,11 @@ def test_two_processes_train_the_loras_of_one_with_twice_the_batch(tmp_path):
     stops or dies leaves one resumable checkpoint."""
     launched = launch_two_processes(tmp_path / "launched")
     assert launched.records[1]["changes"] == [] and launched.records[0]["changes"]
-    assert launched.results[0] == launched.results[2] == [0, 0]  # both command lines, both processes
-    assert launched.done.stdout.count("LoRA saved:") == 1 and launched.done.stdout.count("Adapter saved:") == 1
+    assert launched.results[0] == launched.results[2] == launched.results[6] == [0, 0]  # the command lines
+    assert launched.done.stdout.count("LoRA saved:") == 1 and launched.done.stdout.count("Adapter saved:") == 2
     check_image(launched, tmp_path / "image")
-    check_text(launched, tmp_path / "text")
+    one_text = check_text(launched, tmp_path / "text")
+    check_sharded_text(launched, one_text, tmp_path / "sharded")
 
 
 def check_image(launched: SimpleNamespace, tmp_path: Path) -> None:
@@ -206,7 +245,7 @@ def check_image(launched: SimpleNamespace, tmp_path: Path) -> None:
     assert [p.name for p in checkpoints] == ["step-000003"] and str(checkpoints[0]) == first["checkpoint"]
     assert not list(stopped.glob("*.safetensors"))
     assert first["losses"] == pytest.approx(one.losses[:3], rel=1e-5)
-    [survivor] = launched.results[6]
+    [survivor] = launched.results[8]
     assert survivor["interrupted"] and survivor["steps_done"] == 2
     assert [p.name for p in (lost / "checkpoints").glob("*/step-*")] == ["step-000002"]
 
@@ -236,7 +275,7 @@ def check_image(launched: SimpleNamespace, tmp_path: Path) -> None:
         assert_same_weights(load_file(str(resumed.lora_path)), load_file(str(one.lora_path)))
 
 
-def check_text(launched: SimpleNamespace, tmp_path: Path) -> None:
+def check_text(launched: SimpleNamespace, tmp_path: Path) -> Path:
     """Processes of batch_size 2, losses weighted by their supervised tokens == one process of batch_size 4; one
     adapter, one TensorBoard run; process 1 asks to stop after step 2: one checkpoint, which one process resumes to
     the same adapter."""
@@ -259,3 +298,31 @@ def check_text(launched: SimpleNamespace, tmp_path: Path) -> None:
                                             "resume_from": "latest"})).run()
     assert resumed.losses == pytest.approx(one.losses, rel=1e-5)
     assert_same_weights(load_file(str(resumed.lora_path / adapter)), load_file(str(one.lora_path / adapter)))
+    return one.lora_path
+
+
+def check_sharded_text(launched: SimpleNamespace, one: Path, tmp_path: Path) -> None:
+    """The base weights sharded over the two processes (FSDP2 on gloo): the adapter equals the one of one process
+    with twice the batch, one adapter and one TensorBoard run are written (by process 0: records[1]["changes"] is
+    empty); the run stopped after step 3 (with a process whose share of a batch is empty, evaluation and samples)
+    leaves one checkpoint, which one process resumes to the losses of a one-process run."""
+    from lora_trainer.llm.trainer import TextTrainer
+
+    base, adapter = launched.text, "adapter_model.safetensors"
+    sharded = launched.outputs / "text-fsdp"
+    assert "sharding the base model's weights over 2 processes (FSDP)" in launched.done.stdout
+    assert_same_weights(load_file(str(sharded / "facts" / adapter)), load_file(str(one / adapter)))
+    assert sorted(p.name for p in sharded.iterdir()) == ["checkpoints", "facts", "facts.config.yaml",
+                                                         "facts.data_report.txt", "logs"]
+    assert len(list((sharded / "logs").glob("events.out.tfevents.*"))) == 1
+
+    stopped, config = launched.outputs / "text-fsdp-stopped", {**base, **TEXT_HELD_OUT, "batch_size": 4}
+    first, second = launched.results[7]
+    assert first["interrupted"] and first["steps_done"] == second["steps_done"] == 3
+    assert [p.name for p in (stopped / "checkpoints").glob("*/step-*")] == ["step-000003"]
+    assert [p.name for p in (stopped / "samples" / "facts").iterdir()] == ["step-000002.md"]
+    reference = TextTrainer(config_from_dict({**config, "output_dir": str(tmp_path / "one")})).run()
+    assert first["losses"] == pytest.approx(reference.losses[:3], rel=1e-5)
+    resumed = TextTrainer(config_from_dict({**config, "output_dir": str(stopped), "resume_from": "latest"})).run()
+    assert resumed.steps_done == 4 and resumed.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert_same_weights(load_file(str(resumed.lora_path / adapter)), load_file(str(reference.lora_path / adapter)))

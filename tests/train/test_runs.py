@@ -216,6 +216,7 @@ def test_interrupt_takes_effect_during_latent_and_text_caching(make_tiny_backbon
                                                                cache_latents, stage):
     encoded: list[int] = []
     backbone = make_tiny_backbone()
+    backbone.prompts_per_call = 1  # one caption per call, so the second call is a second poll
     real_images, real_prompts = backbone.encode_images, backbone.encode_prompts
     backbone.encode_images = lambda pixels: (encoded.append(1), real_images(pixels))[1]
     backbone.encode_prompts = lambda prompts: (encoded.append(1), real_prompts(prompts))[1]
@@ -223,7 +224,7 @@ def test_interrupt_takes_effect_during_latent_and_text_caching(make_tiny_backbon
     result = Trainer(make_config(shapes_dataset, tmp_path / "out", cache_latents=cache_latents), backbone,
                      events=EventBus(events.append), should_stop=lambda: len(encoded) >= 2).run()
     assert result.interrupted and result.steps_done == 0 and result.lora_path is None
-    assert len(encoded) == 2, "the cache loop polls the stop flag before every item"
+    assert len(encoded) == 2, "the cache loop polls the stop flag before every encoder call"
     assert any(f"interrupted while {stage}" in m for m in messages_of(events))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 
@@ -92,6 +93,14 @@ class OffloadingToy(ToyBackbone):
     def restore_encoders(self) -> None:
         self.offloaded = False
 
+    @contextlib.contextmanager
+    def encoders_on_device(self):
+        offloaded, self.offloaded = self.offloaded, False
+        try:
+            yield
+        finally:
+            self.offloaded = offloaded
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         assert not self.offloaded, "the VAE was used after it left the device"
         return super().encode_images(pixels)
@@ -102,8 +111,9 @@ class OffloadingToy(ToyBackbone):
 
 
 def test_validation_in_the_loop_reads_the_device_only_when_it_validates(tmp_path, monkeypatch):
-    """Latents and captions cached (the encoders leave the device): the held-out images are encoded before
-    that; with an endless read window, pending losses are read at each validation and not once per step."""
+    """Latents and captions cached (the encoders leave the device): the held-out images are encoded only with
+    the encoders brought back (encoders_on_device); with an endless read window, pending losses are read at
+    each validation and not once per step."""
     logs: list[LossLog] = []
 
     class Batched(LossLog):

@@ -1,0 +1,122 @@
+"""Frozen encoders leave memory once their outputs are cached and come back from the checkpoint file on use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_trainer.config import config_from_dict
+from lora_trainer.models.loading import load_backbone
+from lora_trainer.models.weight_release import is_released
+from lora_trainer.models.weights import ModelLoadError
+from lora_trainer.train.memory_plan import resident_bytes
+from lora_trainer.train.trainer import Trainer
+
+PROMPTS = ["a red square", "a blue circle on grey"]
+
+
+def _sample(backbone) -> list:
+    return backbone.sample(PROMPTS[:1], seed=3, steps=2, width=64, height=64)
+
+
+def _pixels(images: list) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.stack([np.asarray(image) for image in images]))
+
+
+def test_the_unet_and_the_vae_decoder_wait_on_disk_until_used(tiny_checkpoint: Path) -> None:
+    backbone = load_backbone(tiny_checkpoint)
+    assert is_released(backbone.vae.decoder) and is_released(backbone.vae.post_quant_conv)
+    assert is_released(backbone.unet) and not backbone.unet.training
+    assert not is_released(backbone.vae, backbone.ENCODE_PARTS) and not is_released(backbone.text_encoder)
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    torch.manual_seed(0)
+    latents = backbone.encode_images(pixels)  # the encoder is there: nothing is read
+    assert is_released(backbone.vae.decoder)
+    first = _sample(backbone)  # the preview reads the UNet and the decoder
+    assert not is_released(backbone.vae) and not is_released(backbone.unet)
+    full = load_backbone(tiny_checkpoint)
+    full.load_released()
+    torch.manual_seed(0)
+    torch.testing.assert_close(full.encode_images(pixels), latents, atol=0, rtol=0)
+    assert torch.equal(_pixels(first), _pixels(_sample(full)))
+
+
+def test_cached_encoders_leave_memory_on_the_cpu_and_come_back_unchanged(tiny_checkpoint: Path) -> None:
+    backbone = load_backbone(tiny_checkpoint)
+    backbone.load_released()
+    with torch.no_grad():
+        before = backbone.encode_prompts(PROMPTS)
+    images = _sample(backbone)
+    held = resident_bytes([backbone.vae, backbone.text_encoder], torch.device("cpu"))
+    buffers = sum(b.numel() * b.element_size() for m in (backbone.vae, backbone.text_encoder) for b in m.buffers())
+
+    backbone.offload_encoders(vae=True, text_encoders=True)
+    assert is_released(backbone.vae) and is_released(backbone.text_encoder)
+    assert resident_bytes([backbone.vae, backbone.text_encoder], torch.device("cpu")) == buffers < held
+    assert torch.equal(_pixels(_sample(backbone)), _pixels(images))  # a preview reads them back for its length
+    assert is_released(backbone.vae) and is_released(backbone.text_encoder)
+
+    backbone.restore_encoders()  # read back lazily, the next time they are used
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.encode_prompts(PROMPTS), before, atol=0, rtol=0)
+    assert not is_released(backbone.text_encoder)
+
+
+def test_a_checkpoint_changed_on_disk_is_not_read_back(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(tiny_checkpoint.read_bytes())
+    backbone = load_backbone(copy)
+    backbone.offload_encoders(vae=True, text_encoders=True)
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(ModelLoadError, match="changed on disk since it was loaded"):
+        backbone.encode_prompts(PROMPTS)
+    copy.unlink()
+    with pytest.raises(ModelLoadError, match="can no longer be read"):
+        backbone.encode_prompts(PROMPTS)
+
+
+def test_a_pickle_checkpoint_is_not_kept_for_reading_back(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(str(tiny_checkpoint))}, ckpt)
+    (tmp_path / "tiny.yaml").write_text(tiny_checkpoint.with_suffix(".yaml").read_text())
+    backbone = load_backbone(ckpt)
+    assert backbone.source is None and not is_released(backbone.vae)
+    backbone.offload_encoders(vae=True, text_encoders=True)
+    assert not is_released(backbone.vae) and not is_released(backbone.text_encoder)
+
+
+def test_a_cli_run_trains_without_the_cached_encoders_in_memory(tiny_checkpoint: Path, shapes_dataset: Path,
+                                                               tmp_path: Path, monkeypatch) -> None:
+    """While latents and captions are cached the UNet is not read yet; from the first step on, the run holds
+    neither the VAE nor the text encoder; the LoRA is still written."""
+    cfg = config_from_dict({"train_data_dir": str(shapes_dataset), "base_model": str(tiny_checkpoint),
+                            "output_dir": str(tmp_path), "resolution": 64, "max_steps": 2, "lora_rank": 4,
+                            "device": "cpu", "preview": False})
+    trainer = Trainer(cfg)
+    seen: list[bool] = []
+    original = Trainer._train
+
+    def spy(self, *args, **kwargs):
+        seen.append(is_released(self.backbone.vae) and is_released(self.backbone.text_encoder))
+        return original(self, *args, **kwargs)
+
+    caching: list[bool] = []
+    text_cache = Trainer._text_cache
+
+    def spy_caching(self, *args, **kwargs):
+        caching.append(is_released(self.backbone.unet))
+        return text_cache(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_train", spy)
+    monkeypatch.setattr(Trainer, "_text_cache", spy_caching)
+    result = trainer.run()
+    assert caching == [True] and seen == [True] and result.steps_done == 2
+    assert result.lora_path is not None and result.lora_path.is_file()
