@@ -15,8 +15,9 @@ SD1.5, 722 in SDXL), UNet only, latents cached (and for SDXL the text encoders' 
 AdamW, constant learning rate, no samples or preview picture, ``--threads`` torch threads.
 
 Per run: time to first step (process start to the end of the first optimizer step), s/step (mean interval
-between later optimizer steps), peak RSS (the process's ru_maxrss), peak VRAM on CUDA (torch's counter, printed
-by the runs themselves is not available for kohya, so it is left out). Each figure is printed per run and as the
+between later optimizer steps), peak RSS (the run's own peak, ``VmHWM``, printed by ``step_clock.py`` at exit;
+``ru_maxrss`` where that is missing, which also counts this process's peak, e.g. from writing the checkpoint);
+peak VRAM on CUDA is left out (torch's counter is not available for kohya). Each figure is printed per run and as the
 median over rounds, with the ratio ours/kohya. The trained parameter counts of both LoRA files are printed.
 Kohya needs its own Python environment (``--kohya-python``); its SD1.5 UNet width is fixed in its code at 320, so
 for ``--size mid`` it runs through ``step_clock.py --unet-width``, which sets those constants and nothing else;
@@ -45,6 +46,7 @@ from sizes import SD15_WIDTHS, SDXL_SIZES, build_sd15, build_sdxl  # noqa: E402
 UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 CLOCK = REPO / "benchmarks" / "step_clock.py"
 STEP_CLOCK = re.compile(r"STEP_CLOCK (\d+\.\d+)")
+PEAK_RSS = re.compile(r"STEP_PEAK_RSS (\d+)")
 
 
 #: kohya's SDXL tokenizers, looked up in --tokenizer_cache_dir under these names (both are CLIP's vocabulary)
@@ -151,11 +153,14 @@ def run_once(name: str, command: list[str], cwd: Path, env: dict, log: Path) -> 
                                text=True, errors="replace")
     clocks: list[float] = []
     lines: list[str] = []
+    reported: list[int] = []
 
     def read() -> None:
         for line in process.stdout:  # progress bars redraw with \r: a clock can follow one on the same line
             clocks.extend(float(value) for value in STEP_CLOCK.findall(line))
-            lines.extend(part for part in STEP_CLOCK.sub("", line).replace("\r", "\n").splitlines() if part.strip())
+            reported.extend(int(value) for value in PEAK_RSS.findall(line))
+            line = PEAK_RSS.sub("", STEP_CLOCK.sub("", line))
+            lines.extend(part for part in line.replace("\r", "\n").splitlines() if part.strip())
 
     peak: dict = {}
     reader = threading.Thread(target=read)
@@ -170,8 +175,10 @@ def run_once(name: str, command: list[str], cwd: Path, env: dict, log: Path) -> 
         raise SystemExit(f"{name} failed (exit {process.returncode}, {len(clocks)} steps); see {log}:\n"
                          + "\n".join(lines[-25:]))
     intervals = [b - a for a, b in zip(clocks[1:], clocks[2:], strict=False)] or [clocks[1] - clocks[0]]
+    # the child's own peak (step_clock.py); ru_maxrss also holds this process's peak (carried over by fork/vfork)
+    peak_bytes = reported[-1] if reported else usage.ru_maxrss * 1024
     return {"first_step_s": clocks[0] - started, "s_per_step": statistics.mean(intervals),
-            "peak_rss_gib": usage.ru_maxrss / 2**20, "load": os.getloadavg()[0], "sampled_peak": peak}
+            "peak_rss_gib": peak_bytes / 2**30, "load": os.getloadavg()[0], "sampled_peak": peak}
 
 
 def lora_parameters(path: Path) -> tuple[int, int]:

@@ -1,5 +1,8 @@
 """Run a training script with a clock on its optimizer: prints ``STEP_CLOCK <unix time>`` after every
-``torch.optim.AdamW.step`` (both trainers use it), so steps are timed the same way for any trainer.
+``torch.optim.AdamW.step`` (both trainers use it), so steps are timed the same way for any trainer, and at exit
+``STEP_PEAK_RSS <bytes>``: the process's own peak resident memory (Linux: ``VmHWM``). A parent's ``wait4``
+``ru_maxrss`` is no substitute: the kernel carries the parent's peak over into a child started by fork or vfork,
+so a child of a 2 GiB parent reports at least 2 GiB, whatever it used itself.
 
     python benchmarks/step_clock.py [--unet-width N] -- script.py ARGS...   # a script (kohya's train_network.py)
     python benchmarks/step_clock.py --sdxl-unet-width N --sdxl-text-encoder-2-layers N -- sdxl_train_network.py ...
@@ -17,6 +20,7 @@ Python).
 
 from __future__ import annotations
 
+import atexit
 import runpy
 import sys
 import time
@@ -34,6 +38,24 @@ def _clock_optimizer() -> None:
         return out
 
     torch.optim.AdamW.step = timed
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory since it started its program (``VmHWM``), None without /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _report_peak_rss() -> None:
+    peak = peak_rss_bytes()
+    if peak is not None:
+        print(f"STEP_PEAK_RSS {peak}", file=sys.stderr, flush=True)
 
 
 def _kohya_unet_width(width: int) -> None:
@@ -80,6 +102,7 @@ def main() -> None:
     split = args.index("--")
     options, target = args[:split], args[split + 1:]
     _clock_optimizer()
+    atexit.register(_report_peak_rss)
     if "--torchvision-shim" in options:
         _torchvision_shim()
     if target[0] != "-m":

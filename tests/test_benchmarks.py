@@ -96,3 +96,23 @@ def test_compare_kohya_times_steps_and_says_when_the_peak_rss_came(monkeypatch, 
     assert peak["gib"] > 0.29 and peak["steps"] == 0 and peak["after"] == "allocating"
     assert 0 < peak["steps_gib"] < peak["gib"] - 0.2
     assert (tmp_path / "child.log").read_text().splitlines() == ["allocating", "freed"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="VmHWM is read from Linux's /proc")
+def test_the_peak_rss_is_the_childs_own_not_its_parents(tmp_path):
+    """A child started from a process that once held 600 MB reports its own peak (step_clock's VmHWM line), not
+    the parent's, which the kernel carries over into the child's ru_maxrss."""
+    import subprocess
+
+    child = tmp_path / "child.py"
+    child.write_text("import torch\nfor _ in range(3):\n"
+                     "    torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).step()\n")
+    parent = ("import sys\nfrom pathlib import Path\nfrom benchmarks import compare_kohya\n"
+              "block = bytearray(600 * 2**20)\nblock[::4096] = b'x' * len(block[::4096])\ndel block\n"
+              "folder = Path(sys.argv[1])\n"
+              "command = [sys.executable, str(compare_kohya.CLOCK), '--', str(folder / 'child.py')]\n"
+              "print(compare_kohya.run_once('child', command, folder, {}, folder / 'child.log')['peak_rss_gib'])\n")
+    done = subprocess.run([sys.executable, "-c", parent, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert 0.05 < float(done.stdout.split()[-1]) < 0.5  # torch alone: ~0.3 GB; the parent's 600 MB not counted
