@@ -85,6 +85,12 @@ class Backbone(ABC):
         :meth:`offload_encoders` (nothing to do for most models)."""
         yield
 
+    @contextmanager
+    def text_encoders_read_meanwhile(self) -> Iterator[None]:
+        """The text encoders in memory when the block ends; a backbone that reads them lazily reads them while the
+        block runs (nothing to do for most models)."""
+        yield
+
     def offload_encoders(self, *, vae: bool, text_encoders: bool) -> None:
         """Release the VAE / text encoders from the training device once their outputs are cached.
 

@@ -47,6 +47,7 @@ from lora_trainer.models.weights import (
 )
 
 log = logging.getLogger(__name__)
+META = torch.device("meta")  # modules built here hold no weights: names and shapes only
 #: The VAE's parts used only to decode (previews).
 VAE_DECODER_PARTS = ("decoder", "post_quant_conv")
 
@@ -282,11 +283,16 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Di
     def vae() -> nn.Module:
         return build_vae(config, read(VAE_PREFIX), path, device, dtype)
 
-    def text_encoder() -> nn.Module:
+    def text_encoder_from(weights: dict[str, torch.Tensor], on: torch.device) -> nn.Module:
         if version == "sd_v1":
-            return build_clip(read(CLIP_PREFIX), CLIP_PREFIX, folder, path, device, dtype)
-        return build_open_clip(read(OPEN_CLIP_PREFIX), OPEN_CLIP_PREFIX, path, device, dtype,
+            return build_clip(weights, CLIP_PREFIX, folder, path, on, dtype)
+        return build_open_clip(weights, OPEN_CLIP_PREFIX, path, on, dtype,
                                penultimate=str(cond.get("layer", "penultimate")) == "penultimate")
+
+    text_prefix = CLIP_PREFIX if version == "sd_v1" else OPEN_CLIP_PREFIX
+
+    def text_encoder() -> nn.Module:
+        return text_encoder_from(read(text_prefix), device)
 
     unet_config = diffusers_unet_config(config, version, prediction, path)
 
@@ -294,7 +300,8 @@ def load_single_file(path: Path, device: torch.device, dtype: torch.dtype) -> Di
         return build_unet(unet_config, read(UNET_PREFIX), path, device, dtype)
 
     backbone = DiffusersBackbone(
-        first_unet(unet, unet_config, checkpoint, dtype), first_vae(vae, checkpoint), text_encoder(),
+        first_unet(unet, unet_config, checkpoint, dtype), first_vae(vae, checkpoint),
+        first_text_encoder(text_encoder, lambda: text_encoder_from(checkpoint.shapes(text_prefix), META), checkpoint),
         tokenizer, prediction_type=prediction, model_version=version,
         beta_start=float(params.get("linear_start", 0.00085)), beta_end=float(params.get("linear_end", 0.012)),
         num_train_timesteps=int(params.get("timesteps", 1000)), zero_terminal_snr=ztsnr, device=device,
@@ -317,6 +324,14 @@ def first_unet(build: Callable[[], nn.Module], config: dict[str, Any], checkpoin
     fill_module(unet, convert_ldm_unet_checkpoint(shapes, config), what="UNet", source=checkpoint.path,
                 device="meta", dtype=dtype)
     return unet
+
+
+def first_text_encoder(build: Callable[[], nn.Module], structure: Callable[[], nn.Module],
+                       checkpoint: CheckpointFile) -> nn.Module:
+    """A text encoder from ``build``; from a ``.safetensors`` file only its ``structure`` (on ``meta``, checked
+    against the names and shapes of the file's weights): its weights are read when it is first used, or in a
+    second thread while the latents are encoded (:meth:`DiffusersBackbone.text_encoders_read_meanwhile`)."""
+    return structure() if checkpoint.is_safetensors else build()
 
 
 def first_vae(build: Callable[[], nn.Module], checkpoint: CheckpointFile) -> nn.Module:

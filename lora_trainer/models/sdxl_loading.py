@@ -27,12 +27,14 @@ from lora_trainer.models.ldm_config import (
     sdxl_unet_diffusers_config,
 )
 from lora_trainer.models.loading import (
+    META,
     build_clip,
     build_open_clip,
     build_unet,
     build_vae,
     check_subfolders,
     clip_tokenizer,
+    first_text_encoder,
     first_unet,
     first_vae,
     load_pretrained,
@@ -123,12 +125,18 @@ def load_sdxl_single_file(checkpoint: CheckpointFile, device: torch.device, dtyp
     def vae() -> nn.Module:
         return build_vae(config, read(VAE_PREFIX, vae_dtype(dtype)), path, device, vae_dtype(dtype))
 
+    def clip_from(weights: dict[str, torch.Tensor], on: torch.device) -> nn.Module:
+        return build_clip(weights, SDXL_CLIP_PREFIX, clip_folder, path, on, dtype)
+
+    def open_clip_from(weights: dict[str, torch.Tensor], on: torch.device) -> nn.Module:
+        return build_open_clip(weights, SDXL_OPEN_CLIP_PREFIX, path, on, dtype, penultimate=False,
+                               with_projection=True)
+
     def text_encoder() -> nn.Module:
-        return build_clip(read(SDXL_CLIP_PREFIX), SDXL_CLIP_PREFIX, clip_folder, path, device, dtype)
+        return clip_from(read(SDXL_CLIP_PREFIX), device)
 
     def text_encoder_2() -> nn.Module:
-        return build_open_clip(read(SDXL_OPEN_CLIP_PREFIX), SDXL_OPEN_CLIP_PREFIX, path, device, dtype,
-                               penultimate=False, with_projection=True)
+        return open_clip_from(read(SDXL_OPEN_CLIP_PREFIX), device)
 
     unet_config = sdxl_unet_diffusers_config(config, size_dim, path)
 
@@ -136,7 +144,11 @@ def load_sdxl_single_file(checkpoint: CheckpointFile, device: torch.device, dtyp
         return build_unet(unet_config, read(UNET_PREFIX), path, device, dtype)
 
     backbone = SDXLBackbone(first_unet(unet, unet_config, checkpoint, dtype), first_vae(vae, checkpoint),
-                            text_encoder(), text_encoder_2(), tokenizer, tokenizer_2,
+                            first_text_encoder(text_encoder, lambda: clip_from(checkpoint.shapes(SDXL_CLIP_PREFIX),
+                                                                               META), checkpoint),
+                            first_text_encoder(text_encoder_2, lambda: open_clip_from(
+                                checkpoint.shapes(SDXL_OPEN_CLIP_PREFIX), META), checkpoint),
+                            tokenizer, tokenizer_2,
                             prediction_type=prediction, zero_terminal_snr=ztsnr, device=device, dtype=dtype)
     return with_source(backbone, checkpoint,
                        {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2})

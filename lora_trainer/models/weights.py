@@ -109,6 +109,11 @@ class CheckpointFile:
             raise ModelLoadError(f"{self.path} is not a readable .safetensors file ({error})") from error
         return index
 
+    def shapes(self, *prefixes: str) -> dict[str, torch.Tensor]:
+        """The tensors whose names start with one of ``prefixes`` as ``meta`` tensors: names, shapes and dtypes
+        only, nothing read."""
+        return {k: v if v.is_meta else v.to("meta") for k, v in self.index.items() if k.startswith(prefixes)}
+
     def tensors(self, *prefixes: str, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Copies of every tensor whose name starts with one of ``prefixes`` (names unchanged), floating point

@@ -175,7 +175,8 @@ class Trainer:
             roots = backbone.lora_roots(cfg.train_text_encoder)
             for module in backbone.frozen_modules():
                 module.requires_grad_(False)
-            latents = self._encode_latents(scan.items) if cfg.cache_latents else None
+            with backbone.text_encoders_read_meanwhile():  # the VAE's kernels leave the interpreter free
+                latents = self._encode_latents(scan.items) if cfg.cache_latents else None
             text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
             # the encoders leave before the denoiser is read: the two never take memory together
             backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,12 @@ def _pixels(images: list) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(image) for image in images]))
 
 
-def test_the_unet_and_the_vae_decoder_wait_on_disk_until_used(tiny_checkpoint: Path) -> None:
+def test_the_unet_the_text_encoder_and_the_vae_decoder_wait_on_disk_until_used(tiny_checkpoint: Path) -> None:
     backbone = load_backbone(tiny_checkpoint)
     assert is_released(backbone.vae.decoder) and is_released(backbone.vae.post_quant_conv)
     assert is_released(backbone.unet) and not backbone.unet.training
-    assert not is_released(backbone.vae, backbone.ENCODE_PARTS) and not is_released(backbone.text_encoder)
+    assert is_released(backbone.text_encoder) and not backbone.text_encoder.training
+    assert not is_released(backbone.vae, backbone.ENCODE_PARTS)
     pixels = torch.rand(1, 3, 64, 64) * 2 - 1
     torch.manual_seed(0)
     latents = backbone.encode_images(pixels)  # the encoder is there: nothing is read
@@ -44,6 +46,46 @@ def test_the_unet_and_the_vae_decoder_wait_on_disk_until_used(tiny_checkpoint: P
     torch.manual_seed(0)
     torch.testing.assert_close(full.encode_images(pixels), latents, atol=0, rtol=0)
     assert torch.equal(_pixels(first), _pixels(_sample(full)))
+    with torch.no_grad():
+        assert torch.equal(backbone.encode_prompts(PROMPTS), full.encode_prompts(PROMPTS))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_text_encoders_are_read_in_a_second_thread_while_the_latents_are_encoded(
+        tiny_checkpoint: Path, tiny_sdxl_checkpoint: Path, family: str, monkeypatch) -> None:
+    """In the block they are read by another thread; after it they are in memory, the same as read in place; an
+    error while reading them reaches the caller."""
+    path = tiny_checkpoint if family == "sd15" else tiny_sdxl_checkpoint
+    backbone = load_backbone(path)
+    names = [n for n in ("text_encoder", "text_encoder_2") if hasattr(backbone, n)]
+    assert all(is_released(getattr(backbone, n)) for n in names)
+    restore, readers = backbone.source.restore, []
+
+    def recorded(name, module, device):
+        readers.append((name, threading.current_thread().name))
+        restore(name, module, device)
+
+    monkeypatch.setattr(backbone.source, "restore", recorded)
+    with backbone.text_encoders_read_meanwhile():
+        latents = backbone.encode_images(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert sorted(readers) == [(n, "read-text-encoders") for n in names]
+    assert latents.shape[1] == 4 and not any(is_released(getattr(backbone, n)) for n in names)
+    full = load_backbone(path)
+    full.load_released()
+    with torch.no_grad():
+        assert torch.equal(backbone.encode_prompts(PROMPTS), full.encode_prompts(PROMPTS))
+    with backbone.text_encoders_read_meanwhile():  # nothing left to read: no thread
+        pass
+    assert len(readers) == len(names)
+
+    broken = load_backbone(path)
+
+    def fails(name, module, device):
+        raise ModelLoadError(f"{path} changed on disk (test)")
+
+    monkeypatch.setattr(broken.source, "restore", fails)
+    with pytest.raises(ModelLoadError, match="changed on disk"), broken.text_encoders_read_meanwhile():
+        pass
 
 
 def test_cached_encoders_leave_memory_on_the_cpu_and_come_back_unchanged(tiny_checkpoint: Path) -> None:
