@@ -149,7 +149,7 @@ class DiffusersBackbone(Backbone):
         ``README``'s measurement). The block must not build modules meanwhile (the reading thread builds its
         modules empty, which patches ``nn.Module`` for the moment), nor use the text encoders."""
         names = [name for name in self._encoder_names(False, True) if name in self._pending]
-        if not names or self.device.type == "meta" or self.source is None:
+        if not names:  # nothing released (and nothing ever is without a source): no thread
             yield
             return
         failures: list[BaseException] = []

@@ -320,9 +320,8 @@ def first_unet(build: Callable[[], nn.Module], config: dict[str, Any], checkpoin
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     unet = build_empty(lambda: UNet2DConditionModel(**config))
-    shapes = {k: v for k, v in checkpoint.index.items() if k.startswith(UNET_PREFIX)}
-    fill_module(unet, convert_ldm_unet_checkpoint(shapes, config), what="UNet", source=checkpoint.path,
-                device="meta", dtype=dtype)
+    fill_module(unet, convert_ldm_unet_checkpoint(checkpoint.shapes(UNET_PREFIX), config), what="UNet",
+                source=checkpoint.path, device="meta", dtype=dtype)
     return unet
 
 

@@ -130,11 +130,10 @@ class CheckpointFile:
         try:
             with open(self.path, "rb", buffering=0) as handle:
                 for name in names:
-                    meta = self.index[name]
+                    meta, size = self.index[name], self._checked_bytes(name)
                     if not self._needs_conversion(meta, device, dtype):
                         out[name] = self._read_into(handle, name, torch.empty(meta.shape, dtype=meta.dtype))
                         continue
-                    size = self._checked_bytes(name)
                     raw = scratch[:size].view(meta.dtype).view(meta.shape)
                     target = dtype if meta.is_floating_point() else meta.dtype
                     out[name] = torch.empty(meta.shape, dtype=target, device=device)
@@ -159,9 +158,9 @@ class CheckpointFile:
         return device.type != "cpu" or (meta.is_floating_point() and meta.dtype != dtype)
 
     def _read_into(self, handle: Any, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` (contiguous, of the file's shape and dtype) filled with the bytes of ``name``."""
+        """``tensor`` (contiguous, of the file's shape and dtype: see :meth:`_checked_bytes`) filled with the bytes
+        of ``name``."""
         start, end = self._places[name]
-        self._checked_bytes(name)
         handle.seek(start)
         target = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
         done = 0
