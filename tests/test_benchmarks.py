@@ -116,3 +116,22 @@ def test_the_peak_rss_is_the_childs_own_not_its_parents(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     assert 0.05 < float(done.stdout.split()[-1]) < 0.5  # torch alone: ~0.3 GB; the parent's 600 MB not counted
+
+
+def test_optimizer_step_benchmark_steps_the_lora_the_trainer_makes():
+    """Its LoRA has the shapes of compare_kohya's: SD1.5 mid size, 192 modules, 3,588,096 parameters (what both
+    trainers' files hold, README); each implementation prints a time or says it is not available."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from optimizer_step import lora_shapes
+
+    shapes = lora_shapes("sd15", "mid", rank=16)
+    assert len(shapes) == 2 * 192
+    assert sum(a * b for a, b in shapes) == 3_588_096
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "optimizer_step.py"), "--model", "sd15",
+                           "--steps", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("sd15 mid: 384 LoRA tensors, 3.6M parameters")
+    for label in ("per-tensor loop", "multi-tensor", "fused"):
+        line = next(line for line in lines if line.startswith(label))
+        assert line.endswith("ms/step") or "not available" in line

@@ -29,4 +29,6 @@ def test_channels_last_trains_to_the_same_losses_on_cpu(make_tiny_backbone, shap
     plain = Trainer(make_config(shapes_dataset, tmp_path / "a", max_steps=2), make_tiny_backbone()).run()
     fast = Trainer(make_config(shapes_dataset, tmp_path / "b", max_steps=2, channels_last=True),
                    make_tiny_backbone()).run()
-    assert fast.losses == pytest.approx(plain.losses, rel=1e-4)
+    # the convolutions round differently in channels-last; AdamW's first updates (about lr * sign(gradient)) turn
+    # that into ~1e-4 relative differences of the next losses (1.6e-4 measured with the fused AdamW)
+    assert fast.losses == pytest.approx(plain.losses, rel=1e-3)
