@@ -27,11 +27,13 @@ def lora_shapes(model: str, size: str, rank: int) -> list[tuple[int, ...]]:
     """(down, up) weight shapes of a rank-``rank`` LoRA on the UNet's target modules."""
     import torch
 
+    from lora_trainer.lora.inject import is_target
+
     with torch.device("meta"):
         unet = (build_sdxl(size) if model == "sdxl" else build_sd15(size))["unet"]
     shapes: list[tuple[int, ...]] = []
     for name, module in unet.named_modules():
-        if name.endswith(tuple("." + target for target in UNET_MODULES)) and hasattr(module, "weight"):
+        if is_target(name, UNET_MODULES) and hasattr(module, "weight"):
             out_features, in_features = module.weight.shape[:2]
             shapes += [(rank, in_features), (out_features, rank)]
     return shapes

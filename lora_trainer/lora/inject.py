@@ -35,7 +35,8 @@ def lora_modules(root: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _matches(name: str, targets: list[str]) -> bool:
+def is_target(name: str, targets: list[str]) -> bool:
+    """Whether the module called ``name`` is one of ``targets`` (the whole name or its last dotted parts)."""
     return any(name == t or name.endswith(f".{t}") for t in targets)
 
 
@@ -43,11 +44,11 @@ def _check_targets(prefix: str, root: nn.Module, targets: list[str]) -> None:
     if not targets:
         raise ValueError(f"{prefix}: no target modules given")
     names = [name for name, _ in root.named_modules() if name]
-    missing = [t for t in targets if not any(_matches(name, [t]) for name in names)]
+    missing = [t for t in targets if not any(is_target(name, [t]) for name in names)]
     if missing:
         raise ValueError(f"{prefix}: no module in {type(root).__name__} ends with {', '.join(map(repr, missing))}")
     for name, module in root.named_modules():
-        if _matches(name, targets) and not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if is_target(name, targets) and not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise ValueError(f"{prefix}: target module {name!r} is a {type(module).__name__}; LoRA layers "
                              f"can only wrap Linear or Conv2d modules")
 
