@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 class Backbone(ABC):
@@ -86,10 +89,13 @@ class Backbone(ABC):
         yield
 
     @contextmanager
-    def text_encoders_read_meanwhile(self) -> Iterator[None]:
-        """The text encoders in memory when the block ends; a backbone that reads them lazily reads them while the
-        block runs (nothing to do for most models)."""
-        yield
+    def text_encoders_meanwhile(self, job: Callable[[], T]) -> Iterator[Future[T]]:
+        """``job`` (work with the text encoders: caching the captions' embeddings) done when the block ends, its
+        result in the future yielded. Here it runs after the block; a backbone whose text encoders can work beside
+        the block's work (the latents' encoding) runs it in a second thread meanwhile."""
+        outcome: Future[T] = Future()
+        yield outcome
+        outcome.set_result(job())
 
     def offload_encoders(self, *, vae: bool, text_encoders: bool) -> None:
         """Release the VAE / text encoders from the training device once their outputs are cached.

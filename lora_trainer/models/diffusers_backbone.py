@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from lora_trainer.models.backbone import Backbone
+from lora_trainer.models.backbone import Backbone, T
 from lora_trainer.models.weight_release import CheckpointSource, is_released, release
 
 
@@ -142,32 +143,30 @@ class DiffusersBackbone(Backbone):
                 self._pending.discard(name)
 
     @contextmanager
-    def text_encoders_read_meanwhile(self) -> Iterator[None]:
-        """Read the text encoders' released weights in a second thread while the block runs, and wait for them at
-        its end. The block is the latents' encoding: the VAE's kernels leave the interpreter free, so building and
-        reading the text encoders costs no time of its own (13.4 s one after the other, 10.8 s side by side, in
-        ``README``'s measurement). The block must not build modules meanwhile (the reading thread builds its
-        modules empty, which patches ``nn.Module`` for the moment), nor use the text encoders."""
+    def text_encoders_meanwhile(self, job: Callable[[], T]) -> Iterator[Future[T]]:
+        """Read the text encoders' released weights and run ``job`` with them in a second thread while the block
+        runs; wait for both at its end. The block is the latents' encoding: the VAE's kernels leave the interpreter
+        free, so reading the text encoders and encoding the captions cost no time of their own (``README``'s
+        performance section has the figures). The block must not build modules meanwhile (the reading thread
+        builds its modules empty, which patches ``nn.Module`` for the moment), nor use the text encoders; ``job``
+        must not use the global random generator (the block may)."""
         names = [name for name in self._encoder_names(False, True) if name in self._pending]
-        if not names:  # nothing released (and nothing ever is without a source): no thread
-            yield
-            return
-        failures: list[BaseException] = []
+        outcome: Future[T] = Future()
 
-        def read() -> None:
+        def work() -> None:
             try:
                 self.ensure_loaded(names)  # set membership and discard are atomic: no lock with the block's reads
+                outcome.set_result(job())
             except BaseException as error:  # handed to the caller below
-                failures.append(error)
+                outcome.set_exception(error)
 
-        reader = threading.Thread(target=read, name="read-text-encoders", daemon=True)
-        reader.start()
+        worker = threading.Thread(target=work, name="text-encoders", daemon=True)
+        worker.start()
         try:
-            yield
+            yield outcome
         finally:
-            reader.join()
-        if failures:
-            raise failures[0]
+            worker.join()
+        outcome.result()  # the worker's error, if any, reaches the caller here
 
     def load_released(self) -> None:
         """Read back every released weight (the whole model in memory again)."""

@@ -329,7 +329,7 @@ def first_text_encoder(build: Callable[[], nn.Module], structure: Callable[[], n
                        checkpoint: CheckpointFile) -> nn.Module:
     """A text encoder from ``build``; from a ``.safetensors`` file only its ``structure`` (on ``meta``, checked
     against the names and shapes of the file's weights): its weights are read when it is first used, or in a
-    second thread while the latents are encoded (:meth:`DiffusersBackbone.text_encoders_read_meanwhile`)."""
+    second thread while the latents are encoded (:meth:`DiffusersBackbone.text_encoders_meanwhile`)."""
     return structure() if checkpoint.is_safetensors else build()
 
 

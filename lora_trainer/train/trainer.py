@@ -175,9 +175,10 @@ class Trainer:
             roots = backbone.lora_roots(cfg.train_text_encoder)
             for module in backbone.frozen_modules():
                 module.requires_grad_(False)
-            with backbone.text_encoders_read_meanwhile():  # the VAE's kernels leave the interpreter free
+            captions = (lambda: self._text_cache(scan.items)) if not cfg.train_text_encoder else (lambda: None)
+            with backbone.text_encoders_meanwhile(captions) as cached_captions:  # beside the VAE where it can
                 latents = self._encode_latents(scan.items) if cfg.cache_latents else None
-            text_cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
+            text_cache = cached_captions.result()
             # the encoders leave before the denoiser is read: the two never take memory together
             backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
             backbone.load_denoiser()

@@ -51,32 +51,39 @@ def test_the_unet_the_text_encoder_and_the_vae_decoder_wait_on_disk_until_used(t
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
-def test_the_text_encoders_are_read_in_a_second_thread_while_the_latents_are_encoded(
+def test_the_text_encoders_are_read_and_the_captions_encoded_in_a_second_thread_while_the_latents_are_encoded(
         tiny_checkpoint: Path, tiny_sdxl_checkpoint: Path, family: str, monkeypatch) -> None:
-    """In the block they are read by another thread; after it they are in memory, the same as read in place; an
-    error while reading them reaches the caller."""
+    """In the block another thread reads the text encoders, then runs the job with them; after it they are in
+    memory, the same as read in place, and the job's result equals encoding in place; an error while reading them
+    or in the job reaches the caller."""
     path = tiny_checkpoint if family == "sd15" else tiny_sdxl_checkpoint
     backbone = load_backbone(path)
     names = [n for n in ("text_encoder", "text_encoder_2") if hasattr(backbone, n)]
     assert all(is_released(getattr(backbone, n)) for n in names)
-    restore, readers = backbone.source.restore, []
+    restore, readers, encoders = backbone.source.restore, [], []
 
     def recorded(name, module, device):
         readers.append((name, threading.current_thread().name))
         restore(name, module, device)
 
+    def job():
+        encoders.append(threading.current_thread().name)
+        with torch.no_grad():
+            return backbone.encode_prompts(PROMPTS)
+
     monkeypatch.setattr(backbone.source, "restore", recorded)
-    with backbone.text_encoders_read_meanwhile():
+    with backbone.text_encoders_meanwhile(job) as embeddings:
         latents = backbone.encode_images(torch.rand(1, 3, 64, 64) * 2 - 1)
-    assert sorted(readers) == [(n, "read-text-encoders") for n in names]
+    assert sorted(readers) == [(n, "text-encoders") for n in names] and encoders == ["text-encoders"]
     assert latents.shape[1] == 4 and not any(is_released(getattr(backbone, n)) for n in names)
     full = load_backbone(path)
     full.load_released()
     with torch.no_grad():
+        assert torch.equal(embeddings.result(), full.encode_prompts(PROMPTS))
         assert torch.equal(backbone.encode_prompts(PROMPTS), full.encode_prompts(PROMPTS))
-    with backbone.text_encoders_read_meanwhile():  # nothing left to read: no thread
+    with backbone.text_encoders_meanwhile(lambda: 7) as seven:  # nothing left to read: the job alone
         pass
-    assert len(readers) == len(names)
+    assert len(readers) == len(names) and seven.result() == 7
 
     broken = load_backbone(path)
 
@@ -84,8 +91,24 @@ def test_the_text_encoders_are_read_in_a_second_thread_while_the_latents_are_enc
         raise ModelLoadError(f"{path} changed on disk (test)")
 
     monkeypatch.setattr(broken.source, "restore", fails)
-    with pytest.raises(ModelLoadError, match="changed on disk"), broken.text_encoders_read_meanwhile():
+    with pytest.raises(ModelLoadError, match="changed on disk"), broken.text_encoders_meanwhile(lambda: None):
         pass
+
+    def job_fails():
+        raise ValueError("the job failed (test)")
+
+    with pytest.raises(ValueError, match="the job failed"), full.text_encoders_meanwhile(job_fails):
+        pass
+
+
+def test_a_backbone_without_its_own_way_runs_the_job_after_the_block() -> None:
+    """The base class's order (the WebUI's models): the block first, then the job, in the calling thread."""
+    from tests.train.toy import ToyBackbone
+
+    order: list[str] = []
+    with ToyBackbone().text_encoders_meanwhile(lambda: order.append("job") or 3) as outcome:
+        order.append("block")
+    assert order == ["block", "job"] and outcome.result() == 3
 
 
 def test_cached_encoders_leave_memory_on_the_cpu_and_come_back_unchanged(tiny_checkpoint: Path) -> None:
