@@ -1,13 +1,22 @@
 """Checkpoint tensors into modules without ever holding the model twice.
 
 Modules are built on the meta device (accelerate's ``init_empty_weights``: parameters without storage, buffers
-real), then filled with ``load_state_dict(assign=True)``: each parameter *becomes* a tensor read from the file, in
-the training dtype on the training device; nothing is allocated twice. A ``.safetensors`` file's header (checked
-by safetensors itself) gives each tensor's place in the file; its bytes are read straight into the tensor's own
-memory (one copy, from the page cache; going through a memory mapping instead costs a page fault per 4 KiB on
-both sides and is about twice as slow), then converted if the training dtype differs. The weights get memory of
-their own even when no conversion is needed: a file's tensors sit at arbitrary byte offsets, CPU kernels round
-differently on unaligned data, and a mapped file changed on disk would crash the run.
+real), then filled with ``load_state_dict(assign=True)``: each parameter *becomes* a tensor from the file, in the
+training dtype on the training device; nothing is allocated twice. A ``.safetensors`` file's header (checked by
+safetensors itself) gives each tensor's place in the file.
+
+Where the file already holds a tensor in the training dtype and the training runs on the CPU, the tensor is a view
+of a private (copy-on-write) memory mapping of the file: nothing is read or copied at load, the weights' pages are
+the page cache's own, brought in by the first step that uses them, and clean: under memory pressure the system can
+drop them and read them again rather than swap (README's performance section has the time it saves). Each
+:meth:`CheckpointFile.tensors` call maps the file anew, so a component released from memory (its views dropped)
+unmaps its pages. A file's tensors sit at arbitrary byte offsets: a convolution kernel that is not at the
+allocator's alignment is read into memory of its own instead (see :data:`ALIGNMENT`), so results are the same, to
+the bit, as from allocated memory. The file must not be rewritten in place while a run uses it (a new file renamed
+over it is safe: the mapping keeps the old one).
+
+Other tensors (converted to another dtype, bound for a GPU, or where the platform cannot map the file) are read
+straight into memory of their own (one copy from the page cache), through one scratch buffer when converted.
 """
 
 from __future__ import annotations
@@ -28,6 +37,10 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 EXPECTED = ("expected a Stable Diffusion 1.x/2.x/SDXL single-file checkpoint (.safetensors, .ckpt or .pt) "
             "or a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/)")
 M = TypeVar("M", bound=nn.Module)
+#: torch's CPU allocator aligns to 64 bytes. Convolution kernels read their weights in place and round an unaligned
+#: kernel differently in the last bit; matrix products and norms pack or stream their operands, the same at any
+#: offset. So a file's matrices and vectors are used where they lie, its convolution kernels only when aligned.
+ALIGNMENT = 64
 
 
 class ModelLoadError(UserError):
@@ -116,23 +129,28 @@ class CheckpointFile:
 
     def tensors(self, *prefixes: str, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """Copies of every tensor whose name starts with one of ``prefixes`` (names unchanged), floating point
-        in ``dtype``, on ``device``; from a ``.safetensors`` file each is read straight into its own memory, or,
-        when it must be converted, into one scratch buffer reused for every such tensor (a buffer per tensor
-        leaves the allocator's heap full of freed holes too small for the converted tensors: ~20% more RSS)."""
+        """Every tensor whose name starts with one of ``prefixes`` (names unchanged), floating point in
+        ``dtype``, on ``device``, never sharing memory with another call's. From a ``.safetensors`` file: a view
+        of the mapped file where no conversion is needed on the CPU (see the module's docstring); otherwise read
+        straight into its own memory, or, when it must be converted, into one scratch buffer reused for every such
+        tensor (a buffer per tensor leaves the allocator's heap full of freed holes too small for the converted
+        tensors: ~20% more RSS)."""
         device = torch.device(device)
         names = sorted(k for k in self.index if k.startswith(prefixes))
         if self._loaded is not None:
             return {k: _copied(self._loaded[k], device, dtype) for k in names}
         converted = [k for k in names if self._needs_conversion(self.index[k], device, dtype)]
         scratch = torch.empty(max((self._bytes(k) for k in converted), default=0), dtype=torch.uint8)
+        mapping = self._mapping() if len(converted) < len(names) else None
         out: dict[str, torch.Tensor] = {}
         try:
             with open(self.path, "rb", buffering=0) as handle:
                 for name in names:
                     meta, size = self.index[name], self._checked_bytes(name)
                     if not self._needs_conversion(meta, device, dtype):
-                        out[name] = self._read_into(handle, name, torch.empty(meta.shape, dtype=meta.dtype))
+                        view = self._mapped_view(mapping, name)
+                        out[name] = view if view is not None else self._read_into(
+                            handle, name, torch.empty(meta.shape, dtype=meta.dtype))
                         continue
                     raw = scratch[:size].view(meta.dtype).view(meta.shape)
                     target = dtype if meta.is_floating_point() else meta.dtype
@@ -141,6 +159,27 @@ class CheckpointFile:
         except OSError as error:
             raise ModelLoadError(f"{self.path} could not be read ({error})") from error
         return out
+
+    def _mapping(self) -> torch.Tensor | None:
+        """The whole file as bytes, mapped privately (writes stay in this process); None where it cannot be."""
+        try:
+            storage = torch.UntypedStorage.from_file(str(self.path), False, self.path.stat().st_size)
+        except (OSError, RuntimeError):  # a platform or file system without private mappings: read instead
+            return None
+        return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+    def _mapped_view(self, mapping: torch.Tensor | None, name: str) -> torch.Tensor | None:
+        """``name`` as a view of ``mapping``; None when there is none, when the file is now shorter than the header
+        says (reading then names the tensor), or when the data does not sit where it can be used unchanged: at a
+        multiple of its element size, and, for tensors of more than two dimensions (convolution kernels), at the
+        allocator's alignment (see :data:`ALIGNMENT`)."""
+        start, end = self._places[name]
+        meta = self.index[name]
+        if mapping is None or end > mapping.numel() or start % meta.element_size():
+            return None
+        if meta.dim() > 2 and start % ALIGNMENT:
+            return None
+        return mapping[start:end].view(meta.dtype).view(meta.shape)
 
     def _bytes(self, name: str) -> int:
         start, end = self._places[name]

@@ -39,7 +39,8 @@ def _run(data: Path, out: Path, base_model: Path | str, backbone=None, **overrid
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_the_loss_sequence_is_unchanged(tiny_checkpoint: Path, shapes_dataset: Path, make_tiny_backbone, tmp_path,
                                         train_text_encoder: bool) -> None:
-    """The same run on the loaded file, on the modules it was written from, and as recorded before the change."""
+    """The same run, to the bit, on the loaded file (its matrices used where they lie in the mapped file), on the
+    modules it was written from, and as recorded before the change."""
     import diffusers
 
     from_file = _run(shapes_dataset, tmp_path / "file", tiny_checkpoint, train_text_encoder=train_text_encoder)
@@ -52,20 +53,45 @@ def test_the_loss_sequence_is_unchanged(tiny_checkpoint: Path, shapes_dataset: P
     assert from_file == pytest.approx(recorded[train_text_encoder], rel=1e-6, abs=0)
 
 
-def test_weights_get_their_own_aligned_memory_in_the_training_dtype(tiny_checkpoint: Path, tmp_path) -> None:
-    """Not views of the mapped file (unaligned data rounds differently on CPU), not meta, converted when needed."""
+def test_weights_in_the_training_dtype_are_the_mapped_file_others_converted(tiny_checkpoint: Path,
+                                                                           tmp_path: Path) -> None:
+    """float32 matrices and vectors for float32 CPU training are views of a private mapping of the file (nothing
+    copied; a write stays in the process), one mapping per component; convolution kernels too where aligned as
+    the allocator aligns, else in memory of their own; converted weights get aligned memory of their own."""
+    from safetensors.torch import load_file
+
     from lora_trainer.models.tiny import write_tiny_checkpoint
 
+    size = tiny_checkpoint.stat().st_size
     backbone = load_backbone(tiny_checkpoint)
     backbone.load_released()  # the UNet and the VAE decoder are read on first use
     params = [p for m in backbone.modules() for p in m.parameters()]
     assert not any(p.is_meta for p in params)
-    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in params if p.is_contiguous())
-    assert all(p.data_ptr() % 64 == 0 for p in params if p.untyped_storage().data_ptr() == p.data_ptr())
+    mapped = {id(p) for p in params if p.untyped_storage().nbytes() == size}
+    own = {id(p) for p in params if p.untyped_storage().nbytes() == p.numel() * p.element_size()}
+    assert len(mapped) + len(own) == len(params)
+    assert all(p.data_ptr() % 64 == 0 for p in params if p.dim() > 2)  # kernels: mapped only where aligned
+    assert all(id(m.weight) in mapped for m in backbone.unet.modules() if isinstance(m, torch.nn.Linear))
+    storages = [{p.untyped_storage().data_ptr() for p in m.parameters() if id(p) in mapped} for m in backbone.modules()]
+    assert all(len(ptrs) == 1 for ptrs in storages)
+    assert len(set().union(*storages)) == len(backbone.modules())  # one mapping per component
+    name = "model.diffusion_model.time_embed.0.weight"
+    reference = load_file(str(tiny_checkpoint))[name]
+    weight = backbone.unet.time_embedding.linear_1.weight
+    assert id(weight) in mapped
+    torch.testing.assert_close(weight, reference, atol=0, rtol=0)
+    with torch.no_grad():
+        weight.add_(1.0)  # copy on write: the file keeps its bytes
+    torch.testing.assert_close(load_file(str(tiny_checkpoint))[name], reference, atol=0, rtol=0)
+    weight = backbone.unet.conv_in.weight
+
     half = load_backbone(write_tiny_checkpoint(tmp_path, "half", dtype=torch.float16))
     half.load_released()
-    assert {p.dtype for m in half.modules() for p in m.parameters()} == {torch.float32}
-    weight = backbone.unet.conv_in.weight
+    half_params = [p for m in half.modules() for p in m.parameters()]
+    assert {p.dtype for p in half_params} == {torch.float32}
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in half_params
+               if p.is_contiguous())
+    assert all(p.data_ptr() % 64 == 0 for p in half_params if p.untyped_storage().data_ptr() == p.data_ptr())
     torch.testing.assert_close(half.unet.conv_in.weight, weight.half().float(), atol=0, rtol=0)
     bf16 = load_backbone(tiny_checkpoint, dtype=torch.bfloat16)
     bf16.load_released()
@@ -74,7 +100,7 @@ def test_weights_get_their_own_aligned_memory_in_the_training_dtype(tiny_checkpo
 
 
 def test_tensors_are_read_as_safetensors_reads_them(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """Each tensor's bytes come straight from the file (no mapping): the same values as safetensors' own reader,
+    """Each tensor's bytes come from the file (mapped or read): the same values as safetensors' own reader,
     converted to the asked dtype; a file cut short is one clear error."""
     from safetensors.torch import load_file
 
