@@ -175,11 +175,20 @@ class Trainer:
             roots = backbone.lora_roots(cfg.train_text_encoder)
             for module in backbone.frozen_modules():
                 module.requires_grad_(False)
-            captions = (lambda: self._text_cache(scan.items)) if not cfg.train_text_encoder else (lambda: None)
-            with backbone.text_encoders_meanwhile(captions) as cached_captions:  # beside the VAE where it can
+            def captions_then_denoiser() -> dict | None:
+                """The captions' embeddings cached; on the CPU, the text encoders then leave and the denoiser is
+                read (host memory, while the VAE still encodes where this runs beside it)."""
+                cache = self._text_cache(scan.items) if not cfg.train_text_encoder else None
+                if device.type == "cpu":
+                    backbone.offload_encoders(vae=False, text_encoders=cache is not None)
+                    backbone.load_denoiser()
+                return cache
+
+            with backbone.text_encoders_meanwhile(captions_then_denoiser) as cached_captions:  # beside the VAE
                 latents = self._encode_latents(scan.items) if cfg.cache_latents else None
             text_cache = cached_captions.result()
-            # the encoders leave before the denoiser is read: the two never take memory together
+            # the encoders leave before the denoiser is read: the text encoders and the UNet never take memory
+            # together (on the CPU the UNet's read overlaps the VAE's encoding: the VAE is the smallest part)
             backbone.offload_encoders(vae=latents is not None, text_encoders=text_cache is not None)
             backbone.load_denoiser()
             inject_lora(roots, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lora_trainer.config import config_from_dict
+from lora_trainer.models.diffusers_backbone import DiffusersBackbone
 from lora_trainer.models.loading import load_backbone
 from lora_trainer.models.weight_release import is_released
 from lora_trainer.models.weights import ModelLoadError
@@ -160,8 +161,9 @@ def test_a_pickle_checkpoint_is_not_kept_for_reading_back(tiny_checkpoint: Path,
 
 def test_a_cli_run_trains_without_the_cached_encoders_in_memory(tiny_checkpoint: Path, shapes_dataset: Path,
                                                                tmp_path: Path, monkeypatch) -> None:
-    """While latents and captions are cached the UNet is not read yet; from the first step on, the run holds
-    neither the VAE nor the text encoder; the LoRA is still written."""
+    """While latents and captions are cached the UNet is not read yet; the thread that cached the captions reads
+    it once the text encoder has left memory (the VAE may still be encoding); from the first step on, the run
+    holds neither the VAE nor the text encoder; the LoRA is still written."""
     cfg = config_from_dict({"train_data_dir": str(shapes_dataset), "base_model": str(tiny_checkpoint),
                             "output_dir": str(tmp_path), "resolution": 64, "max_steps": 2, "lora_rank": 4,
                             "device": "cpu", "preview": False})
@@ -180,8 +182,18 @@ def test_a_cli_run_trains_without_the_cached_encoders_in_memory(tiny_checkpoint:
         caching.append(is_released(self.backbone.unet))
         return text_cache(self, *args, **kwargs)
 
+    reads: list[tuple[str, bool]] = []
+    load_denoiser = DiffusersBackbone.load_denoiser
+
+    def spy_read(self) -> None:
+        if is_released(self.unet):
+            reads.append((threading.current_thread().name, is_released(self.text_encoder)))
+        load_denoiser(self)
+
     monkeypatch.setattr(Trainer, "_train", spy)
     monkeypatch.setattr(Trainer, "_text_cache", spy_caching)
+    monkeypatch.setattr(DiffusersBackbone, "load_denoiser", spy_read)
     result = trainer.run()
     assert caching == [True] and seen == [True] and result.steps_done == 2
+    assert reads == [("text-encoders", True)]
     assert result.lora_path is not None and result.lora_path.is_file()
