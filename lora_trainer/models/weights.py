@@ -130,7 +130,8 @@ class CheckpointFile:
                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with one of ``prefixes`` (names unchanged), floating point in
         ``dtype``, on ``device``, never sharing memory with another call's. From a ``.safetensors`` file: a view
-        of the mapped file where no conversion is needed on the CPU (see the module's docstring); otherwise read
+        of the mapped file where no conversion is needed on the CPU and the file holds the tensor aligned (see the
+        module's docstring); otherwise read
         straight into its own memory, or, when it must be converted, into one scratch buffer reused for every such
         tensor (a buffer per tensor leaves the allocator's heap full of freed holes too small for the converted
         tensors: ~20% more RSS)."""
